@@ -1,0 +1,87 @@
+"""Named flow architectures.
+
+- ``mlp``: flat vectors; steps of ActNorm, invertible linear (LU) and an MLP coupling.
+- ``glow``: images; multiscale, steps of ActNorm, invertible 1x1 conv (LU) and a CNN coupling.
+- ``realnvp``: images; multiscale, steps of a CNN coupling and a channel reversal.
+- ``chavez``: images; multiscale, steps of ActNorm, a channel swap and a CNN coupling whose
+  conditioner uses 1x1 convolutions on 1x1 maps: no layer needs a matrix inverse.
+"""
+import torch
+
+from .base import Chain, Flow
+from .coupling import Coupling, make_transform
+from .linear import ActNorm, InvertibleLinear, Permutation
+from .multiscale import Logit, Multiscale, Reshape
+from .networks import CNN, MLP
+
+ARCHITECTURES = ("mlp", "glow", "realnvp", "chavez")
+IMAGE_ARCHITECTURES = ("glow", "realnvp", "chavez")
+
+
+def vector_step(features, coupling, hidden_features, context_features=0, generator=None):
+    """One ``mlp`` step on ``(B, features)``."""
+    layers = [ActNorm(features), InvertibleLinear(features, generator)]
+    split = features // 2
+    if split:  # a single feature has nothing to condition on: the step is affine
+        transform = make_transform(coupling)
+        net = MLP(split, (features - split) * transform.n_params, hidden_features,
+                  context_features=context_features)
+        layers.append(Coupling(split, net, transform))
+    return layers
+
+
+def image_step(architecture, shape, coupling, hidden_features, generator=None):
+    """One step of an image architecture on ``(B, *shape)``."""
+    c, h, _ = shape
+    transform = make_transform(coupling)
+    split = c // 2
+    kernel = 1 if h == 1 else 3
+    coupling_layer = Coupling(
+        split, CNN(split, (c - split) * transform.n_params, hidden_features, kernel), transform)
+    if architecture == "glow":
+        return [ActNorm(c), InvertibleLinear(c, generator), coupling_layer]
+    if architecture == "realnvp":
+        return [coupling_layer, Permutation.reverse(c)]
+    return [ActNorm(c), Permutation.swap(c), coupling_layer]
+
+
+def level_shapes(image_shape, n_levels):
+    """Shapes ``(C, H, W)`` seen by each level of a multiscale flow."""
+    c, h, w = image_shape
+    shapes = []
+    for i in range(n_levels):
+        if h % 2 or w % 2:
+            raise ValueError(f"image_shape {tuple(image_shape)} cannot be squeezed {n_levels} "
+                             f"times: height and width must be divisible by 2**n_levels")
+        c, h, w = 4 * c, h // 2, w // 2
+        shapes.append((c, h, w))
+        c = c // 2
+    return shapes
+
+
+def build_flow(n_features, *, image_shape=None, architecture="mlp", coupling="affine",
+               n_levels=2, n_steps=4, hidden_features=64, data_range=None,
+               context_features=0, random_state=0):
+    """A :class:`Flow` on flat ``(B, n_features)`` data.
+
+    ``random_state`` (int) seeds the random rotations and permutations; network weights come
+    from torch's global generator, which the caller seeds.
+    """
+    generator = torch.Generator().manual_seed(int(random_state))
+    layers = [Logit(data_range)] if data_range is not None else []
+    if architecture == "mlp":
+        for _ in range(n_steps):
+            layers += vector_step(n_features, coupling, hidden_features, context_features,
+                                  generator)
+    elif architecture in IMAGE_ARCHITECTURES:
+        if context_features:
+            raise ValueError("conditional flows need architecture='mlp'")
+        shapes = level_shapes(image_shape, n_levels)
+        levels = [Chain(*[layer for _ in range(n_steps)
+                          for layer in image_step(architecture, s, coupling, hidden_features,
+                                                  generator)])
+                  for s in shapes]
+        layers += [Reshape(image_shape), Multiscale(levels, shapes)]
+    else:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    return Flow(Chain(*layers), n_features)

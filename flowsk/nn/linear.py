@@ -1,0 +1,126 @@
+"""Linear bijections: ActNorm, LU-parametrised invertible 1x1 convolution, permutations.
+
+All act on dimension 1 of ``(B, C)`` vectors or ``(B, C, H, W)`` images; the log-det of an
+image layer counts every spatial position.
+"""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import Bijection
+
+
+def _spatial_size(x):
+    return x[0, 0].numel()
+
+
+def _per_channel(v, x):
+    """Reshape a ``(C,)`` vector to broadcast against ``x``."""
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class ActNorm(Bijection):
+    """Per-channel affine ``z = (x - b) * exp(s)``, initialised from the first training batch
+    so that its output has zero mean and unit variance. The ``initialized`` buffer is saved
+    with the model, so a loaded model never re-initialises."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.log_scale = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def _initialize(self, x):
+        dims = [0] + list(range(2, x.dim()))
+        self.bias.copy_(x.mean(dims))
+        self.log_scale.copy_(-torch.log(x.std(dims, unbiased=False) + 1e-6))
+        self.initialized.fill_(True)
+
+    def forward(self, x, context=None):
+        if self.training and not bool(self.initialized):
+            self._initialize(x)
+        z = (x - _per_channel(self.bias, x)) * _per_channel(self.log_scale.exp(), x)
+        logdet = self.log_scale.sum() * _spatial_size(x)
+        return z, logdet.expand(x.shape[0])
+
+    def inverse(self, z, context=None):
+        x = z * _per_channel(torch.exp(-self.log_scale), z) + _per_channel(self.bias, z)
+        logdet = -self.log_scale.sum() * _spatial_size(z)
+        return x, logdet.expand(z.shape[0])
+
+
+class InvertibleLinear(Bijection):
+    """Invertible channel mixing ``W = P L (U + diag(sign * exp(log_s)))`` (Glow's LU 1x1 conv).
+
+    Starts at a random rotation. The inverse weight is cached as a buffer whenever the layer is
+    put in eval mode, so generation needs no matrix inverse (and exports to ONNX); in training
+    mode the inverse is computed exactly from the current weights.
+    """
+
+    def __init__(self, channels, generator=None):
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(channels, channels, generator=generator))
+        p, lower, upper = torch.linalg.lu(q)
+        diag = torch.diagonal(upper)
+        self.register_buffer("perm", p)
+        self.register_buffer("sign", torch.sign(diag))
+        self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels), -1))
+        self.register_buffer("weight_inverse", torch.eye(channels))
+        self.lower = nn.Parameter(lower)
+        self.upper = nn.Parameter(torch.triu(upper, 1))
+        self.log_s = nn.Parameter(torch.log(diag.abs()))
+
+    def weight(self):
+        eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
+        lower = self.lower * self.lower_mask + eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.sign * self.log_s.exp())
+        return self.perm @ lower @ upper
+
+    def train(self, mode=True):
+        if not mode:
+            with torch.no_grad():
+                self.weight_inverse.copy_(torch.linalg.inv(self.weight()))
+        return super().train(mode)
+
+    @staticmethod
+    def _mix(x, w):
+        return F.linear(x, w) if x.dim() == 2 else F.conv2d(x, w[:, :, None, None])
+
+    def forward(self, x, context=None):
+        logdet = self.log_s.sum() * _spatial_size(x)
+        return self._mix(x, self.weight()), logdet.expand(x.shape[0])
+
+    def inverse(self, z, context=None):
+        w_inv = torch.linalg.inv(self.weight()) if self.training else self.weight_inverse
+        logdet = -self.log_s.sum() * _spatial_size(z)
+        return self._mix(z, w_inv), logdet.expand(z.shape[0])
+
+
+class Permutation(Bijection):
+    """Fixed permutation of dimension 1 (volume preserving)."""
+
+    def __init__(self, perm):
+        super().__init__()
+        perm = torch.as_tensor(perm, dtype=torch.long)
+        self.register_buffer("perm", perm)
+        self.register_buffer("perm_inverse", torch.argsort(perm))
+
+    @classmethod
+    def reverse(cls, channels):
+        return cls(torch.arange(channels - 1, -1, -1))
+
+    @classmethod
+    def random(cls, channels, generator=None):
+        return cls(torch.randperm(channels, generator=generator))
+
+    @classmethod
+    def swap(cls, channels):
+        """Exchange the two halves (NICE's swap, used by Chavez's flow steps)."""
+        return cls(torch.roll(torch.arange(channels), channels // 2))
+
+    def forward(self, x, context=None):
+        return x.index_select(1, self.perm), x.new_zeros(x.shape[0])
+
+    def inverse(self, z, context=None):
+        return z.index_select(1, self.perm_inverse), z.new_zeros(z.shape[0])

@@ -1,0 +1,282 @@
+"""FlowPrior: a normalizing flow as a scikit-learn density estimator and transformer."""
+import copy
+import numbers
+import warnings
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, DensityMixin, TransformerMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from ._training import resolve_device, train
+from .metrics import bits_per_dim
+from .nn.builders import ARCHITECTURES, IMAGE_ARCHITECTURES, build_flow
+from .nn.coupling import TRANSFORMS
+
+_CHUNK = 4096
+
+
+def check_finite_output(values, on_nonfinite, what):
+    """Raise or warn (``on_nonfinite`` = ``"raise"`` / ``"warn"``) when ``values`` ``(n, ...)``
+    holds non-finite entries; returns ``values``."""
+    bad = int((~np.isfinite(values.reshape(len(values), -1))).any(1).sum())
+    if bad:
+        msg = (f"{bad} of {len(values)} {what} contain non-finite values; the flow is unstable "
+               "for these inputs (try coupling='robust-spline' or a lower temperature)")
+        if on_nonfinite == "raise":
+            raise FloatingPointError(msg)
+        warnings.warn(msg, RuntimeWarning)
+    return values
+
+
+class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
+    """Shared machinery of the flow priors: validation, device, batching, pickling.
+
+    Subclasses implement ``_check_params()`` and ``_fit(X, rng)`` (which sets ``flow_`` and
+    ``history_``/``best_epoch_``) and may extend the public methods.
+    """
+
+    # -- validation -------------------------------------------------------------------------
+    def _check_common_params(self):
+        if self.image_shape is not None:
+            shape = tuple(self.image_shape)
+            if len(shape) != 3 or not all(isinstance(s, numbers.Integral) and s > 0
+                                          for s in shape):
+                raise ValueError(f"image_shape must be (C, H, W) positive ints, got {shape}")
+        if self.data_range is not None:
+            lo, hi = self.data_range
+            if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+                raise ValueError(f"data_range must be (lo, hi) finite with lo < hi, "
+                                 f"got {self.data_range}")
+        for name in ("max_epochs", "batch_size", "n_iter_no_change"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.learning_rate, numbers.Real) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not (isinstance(self.weight_decay, numbers.Real) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.validation_fraction, numbers.Real)
+                and 0 <= self.validation_fraction < 1):
+            raise ValueError(f"validation_fraction must be in [0, 1), "
+                             f"got {self.validation_fraction!r}")
+        if self.on_nonfinite not in ("raise", "warn"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'warn', got {self.on_nonfinite!r}")
+
+    def _validate(self, X, reset=False):
+        X = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
+        if reset:
+            if len(X) < 2:
+                raise ValueError(f"{type(self).__name__} needs at least 2 samples, "
+                                 f"got {len(X)} sample")
+            if self.image_shape is not None and np.prod(self.image_shape) != X.shape[1]:
+                raise ValueError(f"image_shape {tuple(self.image_shape)} has "
+                                 f"{int(np.prod(self.image_shape))} values but X has "
+                                 f"{X.shape[1]} features")
+        if self.data_range is not None:
+            lo, hi = self.data_range
+            if X.min() < lo or X.max() > hi:
+                raise ValueError(f"X has values in [{X.min():.4g}, {X.max():.4g}], outside "
+                                 f"data_range={tuple(self.data_range)}; rescale X or set "
+                                 "data_range=None")
+        return X
+
+    def _validate_latent(self, Z):
+        check_is_fitted(self)
+        Z = validate_data(self, Z, reset=False, dtype=[np.float64, np.float32],
+                          skip_check_n_features=True)
+        if Z.shape[1] != self.flow_.latent_dim:
+            raise ValueError(f"Z has {Z.shape[1]} features, expected the latent dimension "
+                             f"{self.flow_.latent_dim}")
+        return Z
+
+    # -- torch plumbing ---------------------------------------------------------------------
+    def _tensor(self, A):
+        return torch.as_tensor(np.asarray(A, dtype=np.float32), device=self.device_)
+
+    def _map(self, fn, A, out_dtype=np.float64):
+        """Apply ``fn: tensor -> tensor`` to ``A`` in chunks, without gradients."""
+        outs = []
+        with torch.no_grad():
+            for start in range(0, len(A), _CHUNK):
+                outs.append(fn(self._tensor(A[start:start + _CHUNK])).cpu().numpy())
+        shape = outs[0].shape[1:] if outs else (0,)
+        return np.concatenate(outs).astype(out_dtype) if outs else np.empty((0, *shape))
+
+    def fit(self, X, y=None):
+        """Fit the flow by maximum likelihood on ``X`` ``(n_samples, n_features)``."""
+        self._check_params()
+        X = self._validate(X, reset=True)
+        rng = check_random_state(self.random_state)
+        self.device_ = resolve_device(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng.randint(2**31 - 1))
+            self._fit(X, rng)
+        self.flow_.requires_grad_(False)
+        return self
+
+    # -- density estimator ------------------------------------------------------------------
+    def score_samples(self, X):
+        """Log-density of each sample, nats: ``(n, n_features) -> (n,)``."""
+        check_is_fitted(self)
+        X = self._validate(X)
+        return self._map(self.flow_.log_prob, X)
+
+    def score(self, X, y=None):
+        """Mean log-likelihood of ``X`` in nats per sample."""
+        return float(np.mean(self.score_samples(X)))
+
+    def bits_per_dim(self, X):
+        """Mean negative log-likelihood of ``X`` in bits per dimension."""
+        return bits_per_dim(self.score(X), self.n_features_in_)
+
+    def sample(self, n_samples=1, temperature=1.0, random_state=None):
+        """Draw ``(n_samples, n_features)`` samples with latent ``N(0, temperature^2 I)``."""
+        check_is_fitted(self)
+        if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+        if not (isinstance(temperature, numbers.Real) and temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        rng = check_random_state(random_state)
+        Z = temperature * rng.standard_normal((n_samples, self.flow_.latent_dim))
+        X = self._map(lambda z: self.flow_.inverse(z)[0], Z)
+        return check_finite_output(X, self.on_nonfinite, "samples")
+
+    def transform(self, X):
+        """Latent codes ``z = f(x)``: ``(n, n_features) -> (n, latent_dim)``."""
+        check_is_fitted(self)
+        X = self._validate(X)
+        return self._map(lambda x: self.flow_(x)[0], X, X.dtype)
+
+    def inverse_transform(self, Z):
+        """Generate ``x = G(z)``: ``(n, latent_dim) -> (n, n_features)``."""
+        Z = self._validate_latent(Z)
+        X = self._map(lambda z: self.flow_.inverse(z)[0], Z, Z.dtype)
+        return check_finite_output(X, self.on_nonfinite, "generated signals")
+
+    # -- scikit-learn contract --------------------------------------------------------------
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        tags.non_deterministic = False
+        return tags
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if "flow_" in state and self.device_.type != "cpu":
+            state["flow_"] = copy.deepcopy(self.flow_).cpu()
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if "flow_" in state:
+            if self.device_.type == "cuda" and not torch.cuda.is_available():
+                self.device_ = torch.device("cpu")
+            self.flow_.to(self.device_)
+
+
+class FlowPrior(BaseFlowEstimator):
+    """Normalizing-flow prior on flat data ``(n_samples, n_features)``.
+
+    Parameters
+    ----------
+    image_shape : (C, H, W) or None
+        How the flat features unflatten (C order). Needed by the image architectures.
+    architecture : {"mlp", "glow", "realnvp", "chavez"} or None
+        None picks "glow" when ``image_shape`` is given, else "mlp".
+    coupling : {"affine", "additive", "spline", "robust-spline"}
+    n_levels : int
+        Multiscale levels (image architectures).
+    n_steps : int
+        Flow steps (per level for image architectures).
+    hidden_features : int
+        Width of the conditioner networks.
+    data_range : (lo, hi) or None
+        Bounded data: a logit layer at the data end keeps samples in range.
+    dequantize : float
+        Width of uniform noise added to each training batch (0 for continuous data).
+    max_epochs, batch_size, learning_rate, weight_decay, validation_fraction, n_iter_no_change
+        The training loop: Adam, early stopping on the validation split.
+    on_nonfinite : {"raise", "warn"}
+        What to do when a generated sample is not finite.
+    device : "auto", "cpu", "cuda", ...
+    random_state : int, RandomState or None
+    verbose : int
+        > 0 shows a progress bar, > 1 logs every epoch.
+
+    Attributes
+    ----------
+    flow_ : flowsk.nn.base.Flow
+    n_features_in_ : int
+    history_ : dict with "train_loss" and "val_loss" (negative log-likelihood per sample)
+    best_epoch_ : int
+    device_ : torch.device
+    """
+
+    def __init__(self, image_shape=None, architecture=None, coupling="affine", n_levels=2,
+                 n_steps=8, hidden_features=128, data_range=None, dequantize=0.0,
+                 max_epochs=200, batch_size=64, learning_rate=1e-3, weight_decay=0.0,
+                 validation_fraction=0.1, n_iter_no_change=15, on_nonfinite="raise",
+                 device="auto", random_state=None, verbose=0):
+        self.image_shape = image_shape
+        self.architecture = architecture
+        self.coupling = coupling
+        self.n_levels = n_levels
+        self.n_steps = n_steps
+        self.hidden_features = hidden_features
+        self.data_range = data_range
+        self.dequantize = dequantize
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.on_nonfinite = on_nonfinite
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def _architecture(self):
+        if self.architecture is None:
+            return "mlp" if self.image_shape is None else "glow"
+        return self.architecture
+
+    def _check_params(self):
+        self._check_common_params()
+        arch = self._architecture()
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {arch!r}")
+        if arch in IMAGE_ARCHITECTURES and self.image_shape is None:
+            raise ValueError(f"architecture={arch!r} needs image_shape=(C, H, W); "
+                             "use architecture='mlp' for vector data")
+        if self.coupling not in TRANSFORMS:
+            raise ValueError(f"coupling must be one of {sorted(TRANSFORMS)}, "
+                             f"got {self.coupling!r}")
+        for name in ("n_levels", "n_steps", "hidden_features"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.dequantize, numbers.Real) and self.dequantize >= 0):
+            raise ValueError(f"dequantize must be >= 0, got {self.dequantize!r}")
+
+    def _loss(self, flow, batch):
+        if flow.training and self.dequantize > 0:
+            batch = batch + self.dequantize * torch.rand_like(batch)
+            if self.data_range is not None:
+                batch = batch.clamp(*self.data_range)
+        return -flow.log_prob(batch).mean()
+
+    def _fit(self, X, rng):
+        self.flow_ = build_flow(
+            X.shape[1], image_shape=self.image_shape, architecture=self._architecture(),
+            coupling=self.coupling, n_levels=self.n_levels, n_steps=self.n_steps,
+            hidden_features=self.hidden_features, data_range=self.data_range,
+            random_state=rng.randint(2**31 - 1)).to(self.device_)
+        self.history_, self.best_epoch_ = train(
+            self.flow_, self._loss, self._tensor(X), max_epochs=self.max_epochs,
+            batch_size=self.batch_size, learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay, validation_fraction=self.validation_fraction,
+            n_iter_no_change=self.n_iter_no_change, rng=rng, verbose=self.verbose,
+            desc="FlowPrior")
