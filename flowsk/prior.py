@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, DensityMixin, TransformerMixin
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from ._training import resolve_device, train
 from .metrics import bits_per_dim
@@ -84,8 +84,7 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
 
     def _validate_latent(self, Z):
         check_is_fitted(self)
-        Z = validate_data(self, Z, reset=False, dtype=[np.float64, np.float32],
-                          skip_check_n_features=True)
+        Z = check_array(Z, dtype=[np.float64, np.float32])
         if Z.shape[1] != self.flow_.latent_dim:
             raise ValueError(f"Z has {Z.shape[1]} features, expected the latent dimension "
                              f"{self.flow_.latent_dim}")

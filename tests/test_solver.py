@@ -1,0 +1,228 @@
+"""InverseSolver and the latent-optimisation methods, checked against closed forms."""
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import GridSearchCV
+
+from flowsk import FlowPrior, InverseSolver
+from flowsk.methods import METHODS
+from flowsk.nn.base import Chain, Flow
+from flowsk.nn.linear import ActNorm, InvertibleLinear
+from flowsk.operators import CompressedSensing, Denoising, Inpainting
+
+N = 6
+
+
+def gaussian_prior(seed=0):
+    """A fitted FlowPrior whose flow is affine: x = mu + L z, so p(x) = N(mu, L L^T)."""
+    gen = torch.Generator().manual_seed(seed)
+    act = ActNorm(N)
+    with torch.no_grad():
+        act.bias.copy_(0.3 * torch.randn(N, generator=gen))
+        act.log_scale.copy_(0.3 * torch.randn(N, generator=gen))
+        act.initialized.fill_(True)
+    flow = Flow(Chain(InvertibleLinear(N, gen), act), N).eval().requires_grad_(False)
+    prior = FlowPrior(device="cpu")
+    prior.flow_, prior.n_features_in_, prior.device_ = flow, N, torch.device("cpu")
+    return prior
+
+
+def affine_generator(prior):
+    """``mu (n,)`` and ``L (n, n)`` of x = mu + L z, by autograd (float64)."""
+    flow = prior.flow_
+    g = lambda z: flow.inverse(z.float()[None])[0][0].double()  # noqa: E731
+    mu = g(torch.zeros(N, dtype=torch.float64)).numpy()
+    L = torch.autograd.functional.jacobian(g, torch.zeros(N, dtype=torch.float64)).numpy()
+    return mu, L
+
+
+def measurement(A, seed=1):
+    rng = np.random.RandomState(seed)
+    return rng.uniform(-1, 1, size=(4, A.shape[0]))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    prior = gaussian_prior()
+    op = CompressedSensing(N, 4, random_state=0)
+    A = op.matrix.numpy()
+    return prior, op, A, measurement(A)
+
+
+def test_map_matches_gaussian_posterior_mean(setup):
+    prior, op, A, Y = setup
+    mu, L = affine_generator(prior)
+    sigma = 0.5
+    prec = np.linalg.inv(L @ L.T) + A.T @ A / sigma**2
+    expected = np.linalg.solve(prec, (np.linalg.inv(L @ L.T) @ mu)[:, None] + A.T @ Y.T / sigma**2).T
+    solver = InverseSolver(prior, op, method="map", sigma=sigma, beta=1.0, n_iter=1500,
+                           learning_rate=0.02, random_state=0)
+    np.testing.assert_allclose(solver.predict(Y), expected, atol=2e-3)
+
+
+@pytest.mark.parametrize("method,gamma", [("glowip", 0.3), ("csgm", 0.3)])
+def test_gamma_methods_match_ridge_solution(setup, method, gamma):
+    prior, op, A, Y = setup
+    mu, L = affine_generator(prior)
+    M = A @ L
+    z = np.linalg.solve(M.T @ M + gamma * np.eye(N), M.T @ (Y - A @ mu).T).T
+    solver = InverseSolver(prior, op, method=method, gamma=gamma, n_iter=1500,
+                           learning_rate=0.02, random_state=0)
+    np.testing.assert_allclose(solver.predict(Y), mu + z @ L.T, atol=2e-3)
+
+
+def test_likelihood_recovers_noiseless_signal_with_small_alpha(setup):
+    prior = setup[0]
+    X = prior.sample(5, random_state=3)
+    op = Denoising(N)
+    solver = InverseSolver(prior, op, method="likelihood", alpha=1e-4, n_iter=1500,
+                           learning_rate=0.01, random_state=0)
+    np.testing.assert_allclose(solver.predict(op.measure(X)), X, atol=5e-3)
+
+
+def test_likelihood_weight_pulls_towards_the_mode(setup):
+    prior, op, _, Y = setup
+    mode = prior.inverse_transform(np.zeros((1, N)))
+    dist = [np.abs(InverseSolver(prior, op, method="likelihood", alpha=a, n_iter=400,
+                                 random_state=0).predict(Y) - mode).mean()
+            for a in (0.0, 100.0)]
+    assert dist[1] < 0.1 * dist[0]
+
+
+def test_pinv_is_clipped_to_the_data_range():
+    prior = gaussian_prior()
+    prior.data_range = (0.0, 1.0)
+    Y = np.array([[-2.0, 0.5, 3.0, 0.2, 0.9, 1.5]])
+    X = InverseSolver(prior, Denoising(N), method="pinv").predict(Y)
+    np.testing.assert_allclose(X, np.clip(Y, 0, 1), atol=1e-7)  # float32 compute
+
+
+class CountingBody(torch.nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body, self.calls = body, {"forward": 0, "inverse": 0}
+
+    def forward(self, x, context=None):
+        self.calls["forward"] += 1
+        return self.body(x, context)
+
+    def inverse(self, z, context=None):
+        self.calls["inverse"] += 1
+        return self.body.inverse(z, context)
+
+
+@pytest.mark.parametrize("method", ["map", "likelihood"])
+def test_log_prob_costs_one_generator_pass(setup, method):
+    prior, op, _, Y = setup
+    counter = CountingBody(prior.flow_.body)
+    prior.flow_.body = counter
+    try:
+        InverseSolver(prior, op, method=method, n_iter=7, random_state=0).predict(Y)
+    finally:
+        prior.flow_.body = counter.body
+    # one pass per iteration plus the final decode; never the data-to-latent direction
+    assert counter.calls == {"forward": 0, "inverse": 8}
+
+
+def test_csgm_restarts_keep_the_best_data_fit(setup):
+    prior, op, A, Y = setup
+    fits = []
+    for restarts in (1, 4):
+        X = InverseSolver(prior, op, method="csgm", n_restarts=restarts, n_iter=30,
+                          random_state=0).predict(Y)
+        fits.append(((X @ A.T - Y) ** 2).sum(1))
+    assert np.all(fits[1] <= fits[0] + 1e-6)
+
+
+def test_seeded_predictions_are_reproducible(setup):
+    prior, op, _, Y = setup
+    s = InverseSolver(prior, op, method="csgm", n_iter=20, random_state=5)
+    np.testing.assert_array_equal(s.predict(Y), s.predict(Y))
+
+
+@pytest.fixture(scope="module")
+def digits_setup():
+    from flowsk.datasets import load_digit_images
+    X, shape = load_digit_images()
+    prior = FlowPrior(data_range=(0, 1), n_steps=2, hidden_features=16, max_epochs=3,
+                      device="cpu", random_state=0).fit(X[:300])
+    op = Inpainting(shape, box=(2, 2, 6, 6))
+    Xv = X[300:340]
+    return prior, op, op.measure(Xv, noise_std=0.01, random_state=0), Xv
+
+
+def test_score_is_mean_psnr_and_reconstructions_stay_in_range(digits_setup):
+    prior, op, Y, X = digits_setup
+    solver = InverseSolver(prior, op, method="glowip", n_iter=20)
+    X_hat = solver.predict(Y)
+    assert X_hat.shape == X.shape and X_hat.min() >= 0 and X_hat.max() <= 1
+    mse = ((X - X_hat) ** 2).mean(1)
+    assert solver.score(Y, X) == pytest.approx(np.mean(10 * np.log10(1 / mse)))
+
+
+@pytest.mark.parametrize("param,grid,method", [
+    ("alpha", [0.005, 0.5], "likelihood"), ("gamma", [0.0, 1.0], "glowip"),
+    ("beta", [0.1, 1.0], "map"), ("sigma", [0.05, 0.5], "map")])
+def test_grid_search_without_a_scorer(digits_setup, param, grid, method):
+    prior, op, Y, X = digits_setup
+    search = GridSearchCV(InverseSolver(prior, op, method=method, n_iter=10, random_state=0),
+                          {param: grid}, cv=2).fit(Y, X)
+    scores = search.cv_results_["mean_test_score"]
+    assert np.all(np.isfinite(scores))
+    assert search.best_params_[param] == grid[int(np.argmax(scores))]
+    assert search.best_estimator_.prior is prior  # shared, never refitted
+
+
+def test_grid_search_in_parallel(digits_setup):
+    prior, op, Y, X = digits_setup
+    kw = dict(method="likelihood", n_iter=10, random_state=0)
+    grid = {"alpha": [0.005, 0.5]}
+    serial = GridSearchCV(InverseSolver(prior, op, **kw), grid, cv=2).fit(Y, X)
+    parallel = GridSearchCV(InverseSolver(prior, op, **kw), grid, cv=2, n_jobs=2).fit(Y, X)
+    np.testing.assert_allclose(parallel.cv_results_["mean_test_score"],
+                               serial.cv_results_["mean_test_score"], rtol=1e-5)
+
+
+def test_clone_shares_the_fitted_prior(setup):
+    prior, op, _, _ = setup
+    solver = clone(InverseSolver(prior, op, method="map", sigma=0.2))
+    assert solver.prior is prior and solver.sigma == 0.2
+
+
+def test_bad_input_errors(setup):
+    prior, op, _, Y = setup
+    solver = InverseSolver(prior, op, method="glowip")
+    with pytest.raises(ValueError, match="columns|width|features"):
+        solver.predict(Y[:, :3])
+    with pytest.raises(ValueError, match="NaN|finite"):
+        solver.predict(np.where(Y > 0, np.nan, Y))
+    with pytest.raises(ValueError, match="operator acts on 5 features but the prior models 6"):
+        InverseSolver(prior, Denoising(5)).predict(Y[:, :5])
+    with pytest.raises(NotFittedError, match="prior is not fitted"):
+        InverseSolver(FlowPrior(), op).predict(Y)
+    with pytest.raises(ValueError, match="valid methods: .*glowip.*likelihood"):
+        InverseSolver(prior, op, method="nope").predict(Y)
+    with pytest.raises(ValueError, match="does not use alpha"):
+        InverseSolver(prior, op, method="glowip", alpha=0.1).predict(Y)
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        InverseSolver(prior, op, method="map", sigma=-1.0).predict(Y)
+    with pytest.raises(ValueError, match="point estimate"):
+        solver.predict(Y, return_std=True)
+
+
+def test_every_registered_method_has_consistent_defaults():
+    for name, method in METHODS.items():
+        assert isinstance(method.defaults, dict), name
+        if method.posterior:
+            assert "n_samples" in method.defaults, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(setup):
+    prior, op, _, Y = setup
+    cpu = InverseSolver(prior, op, method="glowip", gamma=0.3, n_iter=200).predict(Y)
+    gpu = InverseSolver(prior, op, method="glowip", gamma=0.3, n_iter=200,
+                        device="cuda").predict(Y)
+    np.testing.assert_allclose(gpu, cpu, atol=1e-3)
