@@ -27,7 +27,7 @@ def _finite(module):
 
 def _split(n, validation_fraction, rng):
     order = rng.permutation(n)
-    n_val = int(round(n * validation_fraction))
+    n_val = int(np.rint(n * validation_fraction))
     if n_val < 1 or n - n_val < 1:
         return order, order[:0]
     return order[n_val:], order[:n_val]
@@ -39,12 +39,16 @@ def train(module, loss_fn, data, *, max_epochs, batch_size, learning_rate, weigh
     """Fit ``module`` by minimising ``loss_fn(module, batch) -> scalar`` with Adam.
 
     ``data``: tensor ``(n, ...)`` on the module's device (pairs can be concatenated along
-    dimension 1 and split in ``loss_fn``); ``rng`` a NumPy ``RandomState``. A validation split (``validation_fraction``) drives early stopping after
-    ``n_iter_no_change`` epochs without improvement; the best weights are restored at the end.
-    A non-finite loss or weight restores the best weights and halves the learning rate; after
-    three such cuts training stops with a :class:`ConvergenceWarning`.
+    dimension 1 and split in ``loss_fn``); ``rng`` a NumPy ``RandomState``. A validation split
+    (``validation_fraction``) drives early stopping after ``n_iter_no_change`` epochs without
+    improvement; the best weights are restored at the end.
+    A non-finite loss, gradient or weight restores the best weights, resets the optimizer state
+    and halves the learning rate; after three such cuts training stops with a
+    :class:`ConvergenceWarning`.
 
-    Returns ``(history, best_epoch)``; ``history`` holds ``train_loss`` and ``val_loss`` lists.
+    Returns ``(history, best_epoch)``; ``history`` holds ``train_loss`` and ``val_loss`` lists
+    with one entry per epoch run (NaN for an epoch that diverged), so ``best_epoch`` indexes
+    them.
     """
     train_idx, val_idx = _split(len(data), validation_fraction, rng)
     val = data[val_idx] if len(val_idx) else None
@@ -66,13 +70,19 @@ def train(module, loss_fn, data, *, max_epochs, batch_size, learning_rate, weigh
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
+            if not torch.isfinite(grad_norm):  # a step would make every weight NaN
+                diverged = True
+                break
             opt.step()
             total += loss.item() * len(batch)
             count += len(batch)
         if diverged or not _finite(module):
             cuts += 1
+            history["train_loss"].append(float("nan"))
+            history["val_loss"].append(float("nan"))
             module.load_state_dict(best_state)
+            opt.state.clear()  # Adam's moments may be non-finite too
             if cuts > _MAX_LR_CUTS:
                 warnings.warn(f"training diverged (non-finite loss or weights) at epoch {epoch}"
                               f"; stopped and kept the best weights (epoch {best_epoch}). "

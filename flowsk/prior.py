@@ -208,8 +208,10 @@ class FlowPrior(BaseFlowEstimator):
     ----------
     flow_ : flowsk.nn.base.Flow
     n_features_in_ : int
-    history_ : dict with "train_loss" and "val_loss" (negative log-likelihood per sample)
+    history_ : dict with "train_loss" and "val_loss" (negative log-likelihood per sample), one
+        entry per epoch run (NaN for an epoch that diverged and was undone)
     best_epoch_ : int
+        Index into ``history_`` of the epoch whose weights were kept.
     device_ : torch.device
     """
 

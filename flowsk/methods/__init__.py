@@ -1,4 +1,6 @@
 """Inverse-problem methods by name; each family lives in its own module."""
 from . import latent
+from . import variational
+from . import mcmc
 
-METHODS = {**latent.METHODS}
+METHODS = {**latent.METHODS, **variational.METHODS, **mcmc.METHODS}

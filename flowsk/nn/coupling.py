@@ -19,7 +19,7 @@ class Affine(nn.Module):
     parameters are the identity."""
 
     n_params = 2
-    _offset = math.log(torch.sigmoid(torch.tensor(2.0)).item())
+    _offset = -math.log1p(math.exp(-2.0))  # log(sigmoid(2)) in double precision
 
     def forward(self, x, params, inverse=False):
         s, t = params.unbind(-1)

@@ -74,7 +74,8 @@ class InvertibleLinear(Bijection):
     def weight(self):
         eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
         lower = self.lower * self.lower_mask + eye
-        upper = self.upper * self.lower_mask.T + torch.diag(self.sign * self.log_s.exp())
+        # eye * v rather than torch.diag(v): same matrix, and aten::diag has no ONNX export
+        upper = self.upper * self.lower_mask.T + eye * (self.sign * self.log_s.exp())
         return self.perm @ lower @ upper
 
     def train(self, mode=True):

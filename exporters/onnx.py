@@ -1,0 +1,408 @@
+"""ONNX export of fitted flowsk estimators, and a parity check with onnxruntime.
+
+An estimator type exports a few named *parts*. Each part is an :class:`OnnxPart`: a small torch
+module computing the part from batched inputs, the names and per-sample shapes of its inputs,
+the names of its outputs, and how to draw valid random inputs (for tracing and for
+:func:`check_onnx`). ``FlowPrior`` exports
+
+==============  =========================  ===============================
+part            inputs                     outputs
+==============  =========================  ===============================
+``decoder``     ``z`` (batch, latent_dim)  ``x`` (batch, n_features)
+``encoder``     ``x`` (batch, n_features)  ``z`` (batch, latent_dim)
+``log_prob``    ``x`` (batch, n_features)  ``log_prob`` (batch,), nats
+==============  =========================  ===============================
+
+Other estimators add their parts with :func:`register_parts`.
+
+Every file has a dynamic batch axis (``"batch"``), runs in float32, and records in its metadata
+(``metadata_props``, each value JSON text) ``part``, ``estimator``, ``image_shape``,
+``data_range``, ``latent_dim``, ``n_features``, ``inputs``, ``outputs`` and
+``flowsk_version``. Deployment needs only NumPy and onnxruntime::
+
+    import json
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession("decoder.onnx", providers=["CPUExecutionProvider"])
+    meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    rng = np.random.RandomState(0)                     # the seed of prior.sample(random_state=0)
+    z = 0.8 * rng.standard_normal((16, meta["latent_dim"]))          # temperature 0.8
+    x = session.run(["x"], {"z": z.astype(np.float32)})[0]           # (16, n_features)
+    images = x.reshape(-1, *meta["image_shape"])                     # when image_shape is set
+
+which gives the samples of ``prior.sample(16, temperature=0.8, random_state=0)`` to float32
+precision.
+
+The files come from PyTorch's TorchScript-based exporter (``torch.onnx.export(...,
+dynamo=False)``). With torch 2.13 both of its exporters give correct dynamic-batch graphs that
+run about equally fast in onnxruntime, but the ``torch.export``-based one (``dynamo=True``)
+takes 7-25 times longer per model (several seconds for a tiny flow, close to a minute for the
+default image prior). The exported graph is checked to hold no matrix inverse, determinant or
+data-dependent indexing (``FORBIDDEN_OPS``).
+"""
+import copy
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Tuple
+
+import numpy as np
+import onnx
+import torch
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
+
+import flowsk
+from flowsk import FlowPrior
+
+__all__ = ["OnnxPart", "FORBIDDEN_OPS", "to_onnx", "check_onnx", "read_metadata",
+           "register_parts", "available_parts", "op_types"]
+
+#: ONNX ops that must not appear in an exported flow: matrix inverse / determinant (cache
+#: inverses as buffers instead) and data-dependent indexing (boolean masks become NonZero).
+FORBIDDEN_OPS = frozenset({"Inverse", "Det", "NonZero", "Compress"})
+
+BATCH_AXIS = "batch"
+_EXAMPLE_BATCH = 3  # >= 2, so the exporter cannot specialise the batch axis to 1
+_CUDA = "CUDAExecutionProvider"
+
+
+@dataclass(frozen=True)
+class OnnxPart:
+    """How one part of an estimator exports.
+
+    Attributes
+    ----------
+    module : callable
+        ``estimator -> torch.nn.Module`` whose ``forward(*inputs)`` returns the output tensor
+        (or a tuple, one per output). It may share the estimator's modules: ``to_onnx`` and
+        ``check_onnx`` work on a deep copy moved to CPU float32 in eval mode.
+    inputs : tuple of (name, shape)
+        ``shape(estimator)`` is the per-sample shape of the input; the batch axis comes first.
+    outputs : tuple of str
+        Output names, in the order ``module`` returns them.
+    sample_inputs : callable
+        ``(estimator, n_samples, rng) -> tuple of arrays``, one ``(n_samples, *shape)`` array per
+        input, drawn where the part is meant to be evaluated (``rng`` is a ``RandomState``).
+    description : str
+        One line for the model's ``doc_string``.
+    """
+
+    module: Callable
+    inputs: Tuple[Tuple[str, Callable], ...]
+    outputs: Tuple[str, ...]
+    sample_inputs: Callable
+    description: str = ""
+
+    @property
+    def input_names(self):
+        return tuple(name for name, _ in self.inputs)
+
+
+_PARTS = {}
+
+
+def register_parts(estimator_type, parts):
+    """Declare the exportable parts (``{name: OnnxPart}``) of ``estimator_type``.
+
+    The table of the first class in an estimator's MRO that has one is used whole, so a subclass
+    that registers its own parts does not inherit its parent's.
+    """
+    for name, part in parts.items():
+        if not isinstance(part, OnnxPart):
+            raise TypeError(f"part {name!r} must be an OnnxPart, got {type(part).__name__}")
+    _PARTS[estimator_type] = dict(parts)
+
+
+def _parts_table(estimator):
+    estimator_type = estimator if isinstance(estimator, type) else type(estimator)
+    for cls in estimator_type.__mro__:
+        if cls in _PARTS:
+            return _PARTS[cls]
+    supported = ", ".join(sorted(cls.__name__ for cls in _PARTS))
+    raise TypeError(f"cannot export a {estimator_type.__name__} to ONNX; supported estimators: "
+                    f"{supported}")
+
+
+def available_parts(estimator):
+    """Names of the parts ``estimator`` (an instance or a class) can export, sorted."""
+    return sorted(_parts_table(estimator))
+
+
+def _get_part(estimator, part):
+    table = _parts_table(estimator)
+    if part not in table:
+        raise ValueError(f"unknown part {part!r} for {type(estimator).__name__}; valid parts: "
+                         f"{', '.join(sorted(table))}")
+    return table[part]
+
+
+# -- FlowPrior ---------------------------------------------------------------------------------
+class FlowDecoder(torch.nn.Module):
+    """``z (B, latent_dim) -> x (B, n_features)``: the generator ``G = flow.inverse``."""
+
+    def __init__(self, flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, z):
+        return self.flow.inverse(z)[0]
+
+
+class FlowEncoder(torch.nn.Module):
+    """``x (B, n_features) -> z (B, latent_dim)``."""
+
+    def __init__(self, flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x):
+        return self.flow(x)[0]
+
+
+class FlowLogProb(torch.nn.Module):
+    """``x (B, n_features) -> log p(x) (B,)`` in nats."""
+
+    def __init__(self, flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x):
+        return self.flow.log_prob(x)
+
+
+def _latent_shape(est):
+    return (int(est.flow_.latent_dim),)
+
+
+def _data_shape(est):
+    return (int(est.flow_.n_features),)
+
+
+def _latent_samples(est, n_samples, rng):
+    return (rng.standard_normal((n_samples, est.flow_.latent_dim)).astype(np.float32),)
+
+
+def _data_samples(est, n_samples, rng):
+    """Samples of the estimator itself: they lie in ``data_range`` and where the flow is used."""
+    return (np.asarray(est.sample(n_samples, random_state=rng), dtype=np.float32),)
+
+
+FLOW_PRIOR_PARTS = {
+    "decoder": OnnxPart(lambda est: FlowDecoder(est.flow_), (("z", _latent_shape),), ("x",),
+                        _latent_samples,
+                        "flowsk decoder: latent z (batch, latent_dim) -> x (batch, n_features)"),
+    "encoder": OnnxPart(lambda est: FlowEncoder(est.flow_), (("x", _data_shape),), ("z",),
+                        _data_samples,
+                        "flowsk encoder: x (batch, n_features) -> latent z (batch, latent_dim)"),
+    "log_prob": OnnxPart(lambda est: FlowLogProb(est.flow_), (("x", _data_shape),),
+                         ("log_prob",), _data_samples,
+                         "flowsk log-density: x (batch, n_features) -> log p(x) (batch,), nats"),
+}
+register_parts(FlowPrior, FLOW_PRIOR_PARTS)
+
+
+# -- export ------------------------------------------------------------------------------------
+def _cpu_copy(module):
+    """A deep copy of ``module`` on CPU in float32, eval mode, without gradients.
+
+    Eval mode matters: it caches the inverse weights of the 1x1 convolutions, so no matrix
+    inverse is traced.
+    """
+    module = copy.deepcopy(module).to(device="cpu", dtype=torch.float32)
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _as_tuple(out):
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _metadata_value(value):
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, tuple):
+        value = list(value)
+    return json.dumps(value)
+
+
+def _estimator_metadata(estimator, name, spec):
+    flow = estimator.flow_
+    image_shape = getattr(estimator, "image_shape", None)
+    data_range = getattr(estimator, "data_range", None)
+    return {
+        "part": name,
+        "estimator": type(estimator).__name__,
+        "image_shape": None if image_shape is None else [int(s) for s in image_shape],
+        "data_range": None if data_range is None else [float(v) for v in data_range],
+        "latent_dim": int(flow.latent_dim),
+        "n_features": int(flow.n_features),
+        "inputs": list(spec.input_names),
+        "outputs": list(spec.outputs),
+        "flowsk_version": flowsk.__version__,
+    }
+
+
+def _torch_export(module, examples, input_names, output_names, opset):
+    buffer = io.BytesIO()
+    dynamic_axes = {name: {0: BATCH_AXIS} for name in (*input_names, *output_names)}
+    with warnings.catch_warnings(), torch.no_grad():
+        # the tracer flags Python-level shape checks (constant for a fitted flow), and torch
+        # announces its newer exporter; neither concerns the user
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+        warnings.filterwarnings("ignore", message="The feature will be removed")
+        kwargs = {} if opset is None else {"opset_version": int(opset)}
+        torch.onnx.export(module, examples, buffer, input_names=list(input_names),
+                          output_names=list(output_names), dynamic_axes=dynamic_axes,
+                          do_constant_folding=True, dynamo=False, **kwargs)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def op_types(model):
+    """Set of op types in ``model`` (path or ``ModelProto``), functions included."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(os.fspath(model), load_external_data=False)
+    ops = {node.op_type for node in model.graph.node}
+    for function in model.functions:
+        ops.update(node.op_type for node in function.node)
+    return ops
+
+
+def to_onnx(estimator, path, part="decoder", opset=None):
+    """Export one part of a fitted estimator to an ONNX file with a dynamic batch axis.
+
+    Parameters
+    ----------
+    estimator : fitted FlowPrior (or any type with registered parts)
+    path : str or path-like
+        Where to write the ``.onnx`` file.
+    part : str
+        ``FlowPrior``: ``"decoder"`` (z -> x), ``"encoder"`` (x -> z) or ``"log_prob"``
+        (x -> log p(x)). :func:`available_parts` lists them for any estimator.
+    opset : int or None
+        ONNX opset version; None uses the exporter's default.
+
+    Returns
+    -------
+    path, as given.
+
+    The export runs on a deep copy of the model on CPU in float32 (the estimator may live on a
+    GPU and is left untouched).
+    """
+    spec = _get_part(estimator, part)
+    check_is_fitted(estimator)
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, (int, np.integer))
+                              or opset < 7):
+        raise ValueError(f"opset must be an int >= 7 or None, got {opset!r}")
+    module = _cpu_copy(spec.module(estimator))
+    examples = tuple(torch.as_tensor(np.asarray(a, dtype=np.float32)) for a in
+                     spec.sample_inputs(estimator, _EXAMPLE_BATCH, check_random_state(0)))
+    model = _torch_export(module, examples, spec.input_names, spec.outputs, opset)
+
+    bad = sorted(op_types(model) & FORBIDDEN_OPS)
+    if bad:
+        raise RuntimeError(f"the exported {part} graph contains {bad}; a layer computes a matrix "
+                           "inverse/determinant or masks by value on the exported path")
+    metadata = _estimator_metadata(estimator, part, spec)
+    onnx.helper.set_model_props(model, {k: _metadata_value(v) for k, v in metadata.items()})
+    model.doc_string = spec.description
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, os.fspath(path))
+    return path
+
+
+def read_metadata(path):
+    """The flowsk metadata of an exported file, each value decoded from JSON."""
+    model = path if isinstance(path, onnx.ModelProto) else onnx.load(os.fspath(path),
+                                                                      load_external_data=False)
+    out = {}
+    for prop in model.metadata_props:
+        try:
+            out[prop.key] = json.loads(prop.value)
+        except ValueError:
+            out[prop.key] = prop.value
+    return out
+
+
+# -- parity check ------------------------------------------------------------------------------
+def _provider_names(providers):
+    return [p if isinstance(p, str) else p[0] for p in providers]
+
+
+def _max_abs_error(got, ref):
+    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    if got.shape != ref.shape:
+        raise RuntimeError(f"onnxruntime returned shape {got.shape}, PyTorch {ref.shape}")
+    err = np.abs(got - ref)
+    same = (got == ref) | (np.isnan(got) & np.isnan(ref))  # equal infinities / both NaN
+    err[same] = 0.0
+    err[np.isnan(err)] = np.inf
+    return float(err.max()) if err.size else 0.0
+
+
+def check_onnx(path, estimator, n_samples=64, providers=None, random_state=0):
+    """Max absolute difference between onnxruntime and PyTorch on random inputs.
+
+    The part comes from the file's metadata; inputs are drawn for it (a standard normal latent
+    for ``decoder``, samples of ``estimator`` for ``encoder`` and ``log_prob``, so they lie in
+    ``data_range``). PyTorch runs a CPU float32 copy of the estimator's model.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A file written by :func:`to_onnx` from this estimator.
+    estimator : the fitted estimator it was exported from
+    n_samples : int
+        Batch size of the comparison.
+    providers : list or None
+        onnxruntime execution providers (names or ``(name, options)`` pairs); None is
+        ``["CPUExecutionProvider"]``. When ``"CUDAExecutionProvider"`` is requested and
+        onnxruntime does not use it, a RuntimeError is raised instead of silently comparing the
+        CPU result.
+    random_state : int, RandomState or None
+
+    Returns
+    -------
+    float, the largest absolute difference over all outputs.
+    """
+    import onnxruntime as ort
+
+    if not (isinstance(n_samples, (int, np.integer)) and n_samples >= 1):
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    metadata = read_metadata(path)
+    if "part" not in metadata:
+        raise ValueError(f"{os.fspath(path)} has no flowsk metadata; export it with to_onnx")
+    part = metadata["part"]
+    spec = _get_part(estimator, part)
+    check_is_fitted(estimator)
+    expected = _estimator_metadata(estimator, part, spec)
+    for key in ("latent_dim", "n_features", "image_shape", "data_range"):
+        if key in metadata and metadata[key] != expected[key]:
+            raise ValueError(f"{os.fspath(path)} was exported from another model: {key} is "
+                             f"{metadata[key]} in the file, {expected[key]} in the estimator")
+
+    providers = ["CPUExecutionProvider"] if providers is None else list(providers)
+    want_cuda = _CUDA in _provider_names(providers)
+    if want_cuda and _CUDA not in ort.get_available_providers():
+        raise RuntimeError(f"{_CUDA} was requested but this onnxruntime does not provide it "
+                           f"(available: {ort.get_available_providers()}); install "
+                           "onnxruntime-gpu built for your CUDA version")
+    session = ort.InferenceSession(os.fspath(path), providers=providers)
+    if want_cuda and _CUDA not in session.get_providers():
+        raise RuntimeError(f"{_CUDA} was requested but onnxruntime fell back to "
+                           f"{session.get_providers()}; check the CUDA and cuDNN libraries "
+                           "onnxruntime-gpu needs")
+
+    rng = check_random_state(random_state)
+    inputs = [np.ascontiguousarray(a, dtype=np.float32)
+              for a in spec.sample_inputs(estimator, n_samples, rng)]
+    got = session.run(list(spec.outputs), dict(zip(spec.input_names, inputs)))
+    module = _cpu_copy(spec.module(estimator))
+    with torch.no_grad():
+        ref = _as_tuple(module(*(torch.from_numpy(a) for a in inputs)))
+    return max(_max_abs_error(g, r.numpy()) for g, r in zip(got, ref))

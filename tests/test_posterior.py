@@ -1,0 +1,224 @@
+"""Posterior methods (``vi``, ``ambient-vi``, ``amortized-vi``, ``langevin``, ``pl-mcmc``)
+checked against the exact posterior of a linear-Gaussian model."""
+import numpy as np
+import pytest
+import torch
+from sklearn.model_selection import GridSearchCV
+
+from flowsk import FlowPrior, InverseSolver
+from flowsk.methods import METHODS
+from flowsk.nn.base import Chain, Flow
+from flowsk.nn.linear import ActNorm, InvertibleLinear
+from flowsk.operators import CompressedSensing, Inpainting
+
+N = 6
+POSTERIOR = ("vi", "ambient-vi", "amortized-vi", "langevin", "pl-mcmc")
+# settings that make each method accurate on the 6-dimensional Gaussian problem
+ACCURATE = {
+    "vi": dict(n_iter=300),
+    # no Laplace start: the optimisation itself has to find the posterior
+    "vi-from-prior": dict(method="vi", init="prior", learning_rate=2e-2, n_iter=400,
+                          method_params=dict(n_layers=0)),
+    "ambient-vi": dict(n_iter=400, method_params=dict(mc_samples=32)),
+    "amortized-vi": dict(method_params=dict(coupling="affine", n_simulations=4000, n_iter=30,
+                                            n_steps=2, hidden_features=32)),
+    "langevin": dict(method_params=dict(step_size=0.005, burn_in=300, thin=2, n_chains=200)),
+    "pl-mcmc": dict(method_params=dict(step_size=0.3, burn_in=300, thin=4, n_chains=200)),
+}
+# tiny settings for API checks
+QUICK = {
+    "vi": dict(n_iter=5),
+    "ambient-vi": dict(n_iter=5),
+    "amortized-vi": dict(method_params=dict(coupling="affine", n_simulations=200, n_iter=1,
+                                            n_steps=1, hidden_features=8)),
+    "langevin": dict(method_params=dict(burn_in=5, thin=1)),
+    "pl-mcmc": dict(method_params=dict(burn_in=5, thin=1)),
+}
+
+
+def gaussian_prior(n=N, seed=0):
+    """A fitted FlowPrior whose flow is affine: x = mu + L z, so p(x) = N(mu, L L^T)."""
+    gen = torch.Generator().manual_seed(seed)
+    act = ActNorm(n)
+    with torch.no_grad():
+        act.bias.copy_(0.3 * torch.randn(n, generator=gen))
+        act.log_scale.copy_(0.3 * torch.randn(n, generator=gen))
+        act.initialized.fill_(True)
+    flow = Flow(Chain(InvertibleLinear(n, gen), act), n).eval().requires_grad_(False)
+    prior = FlowPrior(device="cpu")
+    prior.flow_, prior.n_features_in_, prior.device_ = flow, n, torch.device("cpu")
+    return prior
+
+
+def exact_posterior(prior, A, Y, sigma):
+    """Mean ``(n_obs, n)`` and per-feature std ``(n,)`` of p(x | y) for y = A x + N(0, sigma^2)."""
+    flow, n = prior.flow_, prior.n_features_in_
+    g = lambda z: flow.inverse(z.float()[None])[0][0].double()  # noqa: E731
+    mu = g(torch.zeros(n, dtype=torch.float64)).numpy()
+    L = torch.autograd.functional.jacobian(g, torch.zeros(n, dtype=torch.float64)).numpy()
+    prior_prec = np.linalg.inv(L @ L.T)
+    cov = np.linalg.inv(prior_prec + A.T @ A / sigma**2)
+    mean = (cov @ (prior_prec @ mu[:, None] + A.T @ Y.T / sigma**2)).T
+    return mean, np.sqrt(np.diag(cov))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    prior = gaussian_prior()
+    op = CompressedSensing(N, 4, random_state=0)
+    A = op.matrix.numpy().astype(np.float64)
+    Y = np.random.RandomState(1).uniform(-1, 1, size=(4, A.shape[0]))
+    return prior, op, A, Y
+
+
+def _solver(prior, op, method, settings, **kw):
+    return InverseSolver(prior, op, **{"method": method, **settings[method], **kw})
+
+
+@pytest.mark.parametrize("method,mean_tol,std_tol", [
+    ("vi", 0.1, 0.1), ("vi-from-prior", 0.1, 0.1), ("ambient-vi", 0.15, 0.1),
+    ("amortized-vi", 0.2, 0.15),
+    ("langevin", 0.2, 0.15), ("pl-mcmc", 0.2, 0.1)])
+def test_matches_the_gaussian_posterior(setup, method, mean_tol, std_tol):
+    """Mean within ``mean_tol`` posterior stds, per-feature std within ``std_tol`` relative."""
+    prior, op, A, Y = setup
+    sigma = 0.5
+    mean, std = exact_posterior(prior, A, Y, sigma)
+    solver = _solver(prior, op, method, ACCURATE, sigma=sigma, n_samples=4000, random_state=0)
+    if METHODS[solver.method].needs_fit:
+        solver.fit(Y)
+    m, s = solver.predict(Y, return_std=True)
+    assert m.shape == s.shape == Y.shape[:1] + (N,)
+    assert (np.abs(m - mean) / std).max() < mean_tol
+    np.testing.assert_allclose(s, np.broadcast_to(std, s.shape), rtol=std_tol)
+
+
+def test_vi_beta_below_one_gives_a_colder_posterior(setup):
+    prior, op, A, Y = setup
+    kw = dict(method="vi", sigma=0.5, n_iter=100, n_samples=2000, random_state=0)
+    _, warm = InverseSolver(prior, op, beta=1.0, **kw).predict(Y, return_std=True)
+    _, cold = InverseSolver(prior, op, beta=0.25, **kw).predict(Y, return_std=True)
+    # for a Gaussian, beta scales the posterior covariance: std shrinks by sqrt(beta)
+    np.testing.assert_allclose(cold / warm, 0.5, rtol=0.15)
+
+
+@pytest.mark.parametrize("method", ["vi", "langevin"])
+def test_inpainting_is_uncertain_in_the_missing_box(method):
+    prior = gaussian_prior(16, seed=3)
+    op = Inpainting((1, 4, 4), box=(1, 1, 3, 3))
+    missing = np.zeros((4, 4), bool)
+    missing[1:3, 1:3] = True
+    missing = missing.ravel()
+    X = prior.sample(3, random_state=0)
+    Y = op.measure(X, noise_std=0.05, random_state=0)
+    sigma = 0.05
+    A = np.eye(16)[~missing]
+    mean, std = exact_posterior(prior, A, Y, sigma)
+    settings = {"vi": dict(n_iter=300),  # defaults otherwise: Laplace start, path gradients
+                "langevin": dict(method_params=dict(step_size=5e-4, burn_in=400, thin=2,
+                                                    n_chains=100))}
+    m, s = _solver(prior, op, method, settings, sigma=sigma, n_samples=2000,
+                   random_state=0).predict(Y, return_std=True)
+    assert (s[:, missing].min(1) > 3 * s[:, ~missing].max(1)).all()
+    np.testing.assert_allclose(s, np.broadcast_to(std, s.shape), rtol=0.2)
+    assert (np.abs(m - mean) / std).max() < 0.25
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from flowsk.datasets import load_digit_images
+    X, shape = load_digit_images()
+    return X, shape
+
+
+def test_digit_inpainting_with_a_trained_prior(digits):
+    X, shape = digits
+    prior = FlowPrior(data_range=(0, 1), n_steps=2, hidden_features=16, max_epochs=3,
+                      device="cpu", random_state=0).fit(X[:300])
+    op = Inpainting(shape, box=(2, 2, 6, 6))
+    Y = op.measure(X[300:304], noise_std=0.01, random_state=0)
+    observed = np.ones(shape[-2:], bool)
+    observed[2:6, 2:6] = False
+    observed = np.broadcast_to(observed, shape).ravel()
+    m, s = InverseSolver(prior, op, method="vi", sigma=0.05, n_iter=60,
+                         random_state=0).predict(Y, return_std=True)
+    assert np.isfinite(m).all() and m.min() >= 0 and m.max() <= 1
+    assert s[:, ~observed].mean() > 3 * s[:, observed].mean()
+
+
+def test_latent_methods_work_with_an_injective_prior(digits):
+    from flowsk import InjectiveFlowPrior
+    X, shape = digits
+    prior = InjectiveFlowPrior(latent_dim=16, n_steps=1, n_latent_steps=1, hidden_features=16,
+                               data_range=(0, 1), max_epochs=1, device="cpu",
+                               random_state=0).fit(X[:200])
+    op = Inpainting(shape, box=(2, 2, 6, 6))
+    Y = op.measure(X[300:303], noise_std=0.01, random_state=0)
+    for method in ("vi", "langevin", "pl-mcmc"):
+        S = _solver(prior, op, method, QUICK, random_state=0).sample_posterior(Y, 4)
+        assert S.shape == (3, 4, X.shape[1]) and np.isfinite(S).all()
+    with pytest.raises(ValueError, match="injective"):
+        InverseSolver(prior, op, method="ambient-vi").predict(Y)
+
+
+@pytest.mark.parametrize("method", POSTERIOR)
+def test_sample_posterior_shapes_dtype_and_seeds(setup, method):
+    prior, op, A, Y = setup
+
+    def draws(seed):
+        solver = _solver(prior, op, method, QUICK, random_state=seed)
+        if METHODS[method].needs_fit:
+            solver.fit(Y)
+        return solver.sample_posterior(Y, n_samples=7)
+
+    S = draws(0)
+    assert S.shape == (len(Y), 7, N) and S.dtype == np.float64 and np.isfinite(S).all()
+    np.testing.assert_array_equal(S, draws(0))
+    assert not np.allclose(S, draws(1))
+    # predict is the mean of n_samples draws
+    solver = _solver(prior, op, method, QUICK, n_samples=5, random_state=0)
+    if METHODS[method].needs_fit:
+        solver.fit(Y)
+    mean, std = solver.predict(Y, return_std=True)
+    assert mean.shape == std.shape == (len(Y), N) and (std > 0).all()
+    np.testing.assert_allclose(solver.predict(Y), mean)
+
+
+def test_amortized_vi_needs_fit_and_accepts_pairs(setup):
+    prior, op, A, Y = setup
+    solver = _solver(prior, op, "amortized-vi", QUICK, random_state=0)
+    with pytest.raises(Exception, match="fit"):
+        solver.predict(Y)
+    X = prior.sample(50, random_state=0)
+    Yx = op.measure(X, noise_std=0.1, random_state=0)
+    assert solver.fit(Yx, X).sample_posterior(Y, 3).shape == (len(Y), 3, N)
+
+
+def test_grid_search_over_sigma(setup):
+    prior, op, A, _ = setup
+    X = prior.sample(8, random_state=0)
+    Y = op.measure(X, noise_std=0.1, random_state=0)
+    search = GridSearchCV(InverseSolver(prior, op, method="vi", n_iter=20, n_samples=8,
+                                        random_state=0),
+                          {"sigma": [0.1, 1.0]}, cv=2).fit(Y, X)
+    scores = search.cv_results_["mean_test_score"]
+    assert np.all(np.isfinite(scores))
+    assert search.best_params_["sigma"] == [0.1, 1.0][int(np.argmax(scores))]
+
+
+def test_point_methods_refuse_posterior_queries(setup):
+    prior, op, A, Y = setup
+    solver = InverseSolver(prior, op, method="glowip", n_iter=5)
+    with pytest.raises(ValueError, match="point estimate"):
+        solver.sample_posterior(Y, 4)
+    with pytest.raises(ValueError, match="point estimate"):
+        solver.predict(Y, return_std=True)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("langevin", {"step_size": -1.0}), ("langevin", {"thin": 0}), ("pl-mcmc", {"burn_in": 1.5}),
+    ("vi", {"mc_samples": 0}), ("vi", {"covariance": "banana"}), ("vi", {"step_size": 0.1})])
+def test_bad_method_params(setup, method, params):
+    prior, op, A, Y = setup
+    with pytest.raises(ValueError):
+        InverseSolver(prior, op, method=method, method_params=params).predict(Y)
