@@ -42,6 +42,7 @@ default image prior). The exported graph is checked to hold no matrix inverse, d
 data-dependent indexing (``FORBIDDEN_OPS``).
 """
 import copy
+import inspect
 import io
 import json
 import os
@@ -257,9 +258,11 @@ def _torch_export(module, examples, input_names, output_names, opset):
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
         warnings.filterwarnings("ignore", message="The feature will be removed")
         kwargs = {} if opset is None else {"opset_version": int(opset)}
+        if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+            kwargs["dynamo"] = False  # the default from torch 2.9 on; absent before 2.5
         torch.onnx.export(module, examples, buffer, input_names=list(input_names),
                           output_names=list(output_names), dynamic_axes=dynamic_axes,
-                          do_constant_folding=True, dynamo=False, **kwargs)
+                          do_constant_folding=True, **kwargs)
     return onnx.load_from_string(buffer.getvalue())
 
 

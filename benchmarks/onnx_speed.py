@@ -1,0 +1,228 @@
+"""Decoder speed: onnxruntime vs PyTorch eager, on digits FlowPriors.
+
+Two priors are fitted on the embedded digits (speed does not depend on training, so one epoch
+by default): the default architecture for vector data (``mlp``) and for ``image_shape=(1, 8,
+8)`` (``glow``), both with ``data_range=(0, 1)``. Their decoders (z -> x) are exported with
+``exporters.to_onnx`` and timed
+
+- at batch 1: latency, the median of many calls;
+- at batch 256: throughput, samples per second from the median call.
+
+Each call takes a NumPy array and returns one (``torch.from_numpy`` / ``.numpy()`` for
+PyTorch), and the two runtimes alternate in rounds, so both see the same machine load. On the
+CPU both get the same thread count (``torch.set_num_threads`` and onnxruntime's
+``intra_op_num_threads``): 2 by default, then 1 for comparison (a loaded machine can stall
+multi-threaded eager PyTorch, whose tiny ops each enter a thread pool). Target: onnxruntime at
+most 0.5x PyTorch's batch-1 latency on the CPU.
+
+    python benchmarks/onnx_speed.py [--threads 2 1] [--max-epochs 1]
+    python benchmarks/onnx_speed.py --device cuda   # PyTorch CUDA vs CUDAExecutionProvider
+
+Prints a table and writes ``benchmarks/results/onnx_speed.json`` (one entry per device, so CPU
+and CUDA runs are kept side by side).
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import flowsk  # noqa: E402
+from exporters import check_onnx, to_onnx  # noqa: E402
+from exporters.onnx import FlowDecoder, _cpu_copy  # noqa: E402
+from flowsk import FlowPrior  # noqa: E402
+from flowsk.datasets import load_digit_images  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "onnx_speed.json"
+TARGET = 0.5
+MODELS = {"mlp (vector, 64)": None, "glow (image, 1x8x8)": (1, 8, 8)}
+
+
+def fit_priors(max_epochs):
+    X, _ = load_digit_images()
+    priors = {}
+    for name, image_shape in MODELS.items():
+        t = time.time()
+        priors[name] = FlowPrior(image_shape=image_shape, data_range=(0, 1),
+                                 max_epochs=max_epochs, random_state=0,
+                                 device="cpu").fit(X)
+        print(f"fitted {name} in {time.time() - t:.1f} s "
+              f"({sum(p.numel() for p in priors[name].flow_.parameters())} parameters)",
+              flush=True)
+    return priors
+
+
+def interleaved(fns, n_calls, rounds=10, warmup=5, max_seconds=60.0):
+    """Median seconds per call of each function, alternating them in ``rounds`` rounds.
+
+    Stops early, after whole rounds (3 at least), once ``max_seconds`` have passed. Returns
+    ``({name: median}, calls per function)``.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    per_round = max(1, n_calls // rounds)
+    start = time.perf_counter()
+    for i in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(per_round):
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+        if i >= 2 and time.perf_counter() - start > max_seconds:
+            break
+    calls = len(next(iter(times.values())))
+    return {name: float(np.median(ts)) for name, ts in times.items()}, calls
+
+
+def ort_session(path, device, threads):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if device == "cpu":
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+    else:
+        providers = [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise RuntimeError(f"onnxruntime fell back to {session.get_providers()}")
+    return session, providers
+
+
+def bench_model(name, prior, path, device, threads, n_latency, n_throughput):
+    session, providers = ort_session(path, device, threads)
+    module = _cpu_copy(FlowDecoder(prior.flow_)).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rng = np.random.RandomState(0)
+    row = {"model": name, "device": device, "threads": threads if device == "cpu" else None}
+    for batch, n_calls, key in ((1, n_latency, "b1"), (256, n_throughput, "b256")):
+        z = rng.standard_normal((batch, prior.flow_.latent_dim)).astype(np.float32)
+
+        def run_torch():
+            with torch.inference_mode():
+                out = module(torch.from_numpy(z).to(device)).cpu().numpy()
+            sync()
+            return out
+
+        def run_ort():
+            return session.run(["x"], {"z": z})[0]
+
+        med, row[f"calls_{key}"] = interleaved({"torch": run_torch, "onnxruntime": run_ort},
+                                               n_calls)
+        row[f"torch_{key}_ms"] = 1e3 * med["torch"]
+        row[f"ort_{key}_ms"] = 1e3 * med["onnxruntime"]
+        row[f"max_abs_error_{key}"] = float(np.abs(run_torch() - run_ort()).max())
+        if batch > 1:
+            row["torch_b256_samples_per_s"] = batch / med["torch"]
+            row["ort_b256_samples_per_s"] = batch / med["onnxruntime"]
+    row["ratio_b1"] = row["ort_b1_ms"] / row["torch_b1_ms"]
+    row["ratio_b256"] = row["ort_b256_ms"] / row["torch_b256_ms"]
+    row["check_onnx_max_abs_error"] = check_onnx(path, prior, n_samples=64, providers=providers)
+    return row
+
+
+def print_table(rows):
+    head = (f"{'model':<22}{'dev':>5}{'thr':>4} | {'torch b1 ms':>11}{'ort b1 ms':>10}"
+            f"{'ratio':>7} | {'torch b256/s':>13}{'ort b256/s':>11}{'ratio':>7} | {'err':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['model']:<22}{r['device']:>5}{r['threads'] or '-':>4} | "
+              f"{r['torch_b1_ms']:>11.3f}{r['ort_b1_ms']:>10.3f}{r['ratio_b1']:>7.3f} | "
+              f"{r['torch_b256_samples_per_s']:>13.0f}{r['ort_b256_samples_per_s']:>11.0f}"
+              f"{r['ratio_b256']:>7.3f} | {r['check_onnx_max_abs_error']:>8.1e}")
+    print("ratio = onnxruntime time / PyTorch time (lower is better for onnxruntime); "
+          "err = check_onnx max abs error")
+
+
+def environment():
+    import onnxruntime as ort
+    env = {"python": platform.python_version(), "platform": platform.platform(),
+           "processor": platform.processor() or platform.machine(),
+           "cpu_count": os.cpu_count(), "torch": torch.__version__,
+           "onnxruntime": ort.__version__, "flowsk": flowsk.__version__}
+    if hasattr(os, "getloadavg"):
+        env["load_average_1min_at_start"] = os.getloadavg()[0]
+    return env
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1],
+                        help="CPU thread counts, the same for both runtimes (default: 2 1)")
+    parser.add_argument("--max-epochs", type=int, default=1)
+    parser.add_argument("--n-latency", type=int, default=400, help="batch-1 calls per runtime")
+    parser.add_argument("--n-throughput", type=int, default=40,
+                        help="batch-256 calls per runtime")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda":
+        import onnxruntime as ort
+        missing = [what for what, ok in (
+            ("PyTorch CUDA", torch.cuda.is_available()),
+            ("onnxruntime CUDAExecutionProvider",
+             "CUDAExecutionProvider" in ort.get_available_providers())) if not ok]
+        if missing:
+            print(f"skipped: no {' and no '.join(missing)} on this machine")
+            return 0
+    env = environment()
+    priors = fit_priors(args.max_epochs)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, prior in priors.items():
+            path = to_onnx(prior, Path(tmp) / "decoder.onnx", part="decoder")
+            for threads in (args.threads if args.device == "cpu" else [None]):
+                if threads is not None:
+                    torch.set_num_threads(threads)
+                rows.append(bench_model(name, prior, path, args.device, threads,
+                                        args.n_latency, args.n_throughput))
+                print(f"timed {name}, threads={threads}", flush=True)
+    if hasattr(os, "getloadavg"):
+        env["load_average_1min_at_end"] = os.getloadavg()[0]
+
+    print()
+    if args.device == "cpu":
+        print(f"CPU, equal threads for both runtimes: torch.set_num_threads(n) and onnxruntime "
+              f"SessionOptions.intra_op_num_threads = n (inter_op 1), n in {args.threads}")
+    else:
+        print("CUDA: PyTorch eager on the GPU vs onnxruntime CUDAExecutionProvider (TF32 off); "
+              "host arrays in and out for both")
+    print(f"{env['cpu_count']} CPUs, 1-min load average {env.get('load_average_1min_at_start')}"
+          f" at start, {env.get('load_average_1min_at_end')} at end")
+    print_table(rows)
+    verdict = None
+    if args.device == "cpu":
+        worst = max(r["ratio_b1"] for r in rows)
+        verdict = "met" if worst <= TARGET else "missed"
+        print(f"target onnxruntime <= {TARGET}x PyTorch batch-1 latency on CPU: {verdict} "
+              f"(worst ratio {worst:.3f})")
+
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results[args.device] = {
+        "rows": rows, "environment": env, "max_epochs": args.max_epochs,
+        "n_latency": args.n_latency, "n_throughput": args.n_throughput,
+        "target": f"onnxruntime batch-1 latency <= {TARGET}x PyTorch eager (CPU)",
+        "target_met": verdict, "timing": "median time per call, host NumPy arrays in and out, "
+        "the two runtimes alternating in up to 10 rounds (fewer when a measurement passes 60 "
+        "s); calls_b1 / calls_b256 are the calls per runtime",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
