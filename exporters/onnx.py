@@ -47,8 +47,8 @@ import io
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Tuple
 
 import numpy as np
 import onnx
@@ -59,8 +59,16 @@ from sklearn.utils.validation import check_is_fitted
 import flowsk
 from flowsk import FlowPrior
 
-__all__ = ["OnnxPart", "FORBIDDEN_OPS", "to_onnx", "check_onnx", "read_metadata",
-           "register_parts", "available_parts", "op_types"]
+__all__ = [
+    "FORBIDDEN_OPS",
+    "OnnxPart",
+    "available_parts",
+    "check_onnx",
+    "op_types",
+    "read_metadata",
+    "register_parts",
+    "to_onnx",
+]
 
 #: ONNX ops that must not appear in an exported flow: matrix inverse / determinant (cache
 #: inverses as buffers instead) and data-dependent indexing (boolean masks become NonZero).
@@ -90,13 +98,17 @@ class OnnxPart:
         input, drawn where the part is meant to be evaluated (``rng`` is a ``RandomState``).
     description : str
         One line for the model's ``doc_string``.
+    prior : callable or None
+        ``estimator -> fitted flow prior`` whose ``image_shape``, ``data_range`` and ``flow_``
+        the metadata records (an inverse solver's prior, say); None: the estimator itself.
     """
 
     module: Callable
-    inputs: Tuple[Tuple[str, Callable], ...]
-    outputs: Tuple[str, ...]
+    inputs: tuple[tuple[str, Callable], ...]
+    outputs: tuple[str, ...]
     sample_inputs: Callable
     description: str = ""
+    prior: Callable | None = None
 
     @property
     def input_names(self):
@@ -110,7 +122,18 @@ def register_parts(estimator_type, parts):
     """Declare the exportable parts (``{name: OnnxPart}``) of ``estimator_type``.
 
     The table of the first class in an estimator's MRO that has one is used whole, so a subclass
-    that registers its own parts does not inherit its parent's.
+    that registers its own parts does not inherit its parent's. For example, an injective prior
+    with a ``project`` method could register::
+
+        register_parts(InjectiveFlowPrior, {
+            "decoder": OnnxPart(lambda est: FlowDecoder(est.flow_), (("z", latent_shape),),
+                                ("x",), latent_samples),
+            "projector": OnnxPart(lambda est: Projector(est.flow_), (("x", data_shape),),
+                                  ("x_projected",), data_samples),
+        })
+
+    and a posterior sampler takes two inputs, ``(("y", measurement_shape), ("noise",
+    noise_shape))``, with ``prior=lambda solver: solver.prior``.
     """
     for name, part in parts.items():
         if not isinstance(part, OnnxPart):
@@ -175,32 +198,35 @@ class FlowLogProb(torch.nn.Module):
         return self.flow.log_prob(x)
 
 
-def _latent_shape(est):
+def latent_shape(est):
+    """Per-sample shape of a flow estimator's latent: ``(latent_dim,)``."""
     return (int(est.flow_.latent_dim),)
 
 
-def _data_shape(est):
+def data_shape(est):
+    """Per-sample shape of a flow estimator's data: ``(n_features,)``."""
     return (int(est.flow_.n_features),)
 
 
-def _latent_samples(est, n_samples, rng):
+def latent_samples(est, n_samples, rng):
+    """Standard normal latents ``(n_samples, latent_dim)``, float32."""
     return (rng.standard_normal((n_samples, est.flow_.latent_dim)).astype(np.float32),)
 
 
-def _data_samples(est, n_samples, rng):
+def data_samples(est, n_samples, rng):
     """Samples of the estimator itself: they lie in ``data_range`` and where the flow is used."""
     return (np.asarray(est.sample(n_samples, random_state=rng), dtype=np.float32),)
 
 
 FLOW_PRIOR_PARTS = {
-    "decoder": OnnxPart(lambda est: FlowDecoder(est.flow_), (("z", _latent_shape),), ("x",),
-                        _latent_samples,
+    "decoder": OnnxPart(lambda est: FlowDecoder(est.flow_), (("z", latent_shape),), ("x",),
+                        latent_samples,
                         "flowsk decoder: latent z (batch, latent_dim) -> x (batch, n_features)"),
-    "encoder": OnnxPart(lambda est: FlowEncoder(est.flow_), (("x", _data_shape),), ("z",),
-                        _data_samples,
+    "encoder": OnnxPart(lambda est: FlowEncoder(est.flow_), (("x", data_shape),), ("z",),
+                        data_samples,
                         "flowsk encoder: x (batch, n_features) -> latent z (batch, latent_dim)"),
-    "log_prob": OnnxPart(lambda est: FlowLogProb(est.flow_), (("x", _data_shape),),
-                         ("log_prob",), _data_samples,
+    "log_prob": OnnxPart(lambda est: FlowLogProb(est.flow_), (("x", data_shape),),
+                         ("log_prob",), data_samples,
                          "flowsk log-density: x (batch, n_features) -> log p(x) (batch,), nats"),
 }
 register_parts(FlowPrior, FLOW_PRIOR_PARTS)
@@ -232,9 +258,10 @@ def _metadata_value(value):
 
 
 def _estimator_metadata(estimator, name, spec):
-    flow = estimator.flow_
-    image_shape = getattr(estimator, "image_shape", None)
-    data_range = getattr(estimator, "data_range", None)
+    prior = estimator if spec.prior is None else spec.prior(estimator)
+    flow = prior.flow_
+    image_shape = getattr(prior, "image_shape", None)
+    data_range = getattr(prior, "data_range", None)
     return {
         "part": name,
         "estimator": type(estimator).__name__,
