@@ -51,7 +51,7 @@ def main(argv=None):
 
     X, shape = load_digit_images()
     X_train, X_test = train_test_split(X, test_size=0.25, random_state=0)
-    common = dict(image_shape=shape, data_range=(0, 1), random_state=0, device="cpu")
+    common = {"image_shape": shape, "data_range": (0, 1), "random_state": 0, "device": "cpu"}
 
     injective = InjectiveFlowPrior(latent_dim=args.latent_dim, **common)
     inj_wall, inj_cpu = _timed_fit(injective, X_train)
@@ -62,7 +62,7 @@ def main(argv=None):
     injective.set_params(logdet="bound")
     result = {
         "dataset": "digits (1, 8, 8), train_test_split(test_size=0.25, random_state=0)",
-        "n_train": int(len(X_train)), "n_test": int(len(X_test)),
+        "n_train": len(X_train), "n_test": len(X_test),
         "injective": {
             "params": {k: v for k, v in injective.get_params().items()
                        if isinstance(v, (int, float, str, tuple, type(None)))},
@@ -101,9 +101,8 @@ def main(argv=None):
     }
 
     inj = result["injective"]
-    rows = [("InjectiveFlowPrior (d=%d)" % inj["latent_dim"], inj["fit_wall_s"],
-             inj["fit_cpu_s"], inj["n_parameters"],
-             "%.4f" % inj["relative_error_mean"])]
+    rows = [(f"InjectiveFlowPrior (d={inj['latent_dim']})", inj["fit_wall_s"],
+             inj["fit_cpu_s"], inj["n_parameters"], f"{inj['relative_error_mean']:.4f}")]
     if "flow_prior" in result:
         fp = result["flow_prior"]
         rows.append(("FlowPrior", fp["fit_wall_s"], fp["fit_cpu_s"], fp["n_parameters"], "-"))

@@ -158,10 +158,10 @@ class InjectiveFlowPrior(BaseFlowEstimator):
             random_state=rng.randint(2**31 - 1)).to(self.device_)
         self.latent_dim_ = d
         data = self._tensor(X)
-        options = dict(batch_size=self.batch_size, learning_rate=self.learning_rate,
-                       weight_decay=self.weight_decay,
-                       validation_fraction=self.validation_fraction,
-                       n_iter_no_change=self.n_iter_no_change, verbose=self.verbose)
+        options = {"batch_size": self.batch_size, "learning_rate": self.learning_rate,
+                   "weight_decay": self.weight_decay,
+                   "validation_fraction": self.validation_fraction,
+                   "n_iter_no_change": self.n_iter_no_change, "verbose": self.verbose}
         # Both phases draw the same validation split: each gets a copy of the same stream.
         split_rng = copy.deepcopy(rng)
         manifold = _Manifold(self.flow_)

@@ -1,5 +1,4 @@
 """Injective layers, TRUMPET flows and InjectiveFlowPrior."""
-import io
 import math
 import pickle
 
@@ -63,12 +62,12 @@ def _flow(image_shape=None, n_features=8, latent_dim=3, activation="linear", dat
 
 
 FLOWS = [
-    pytest.param(dict(n_features=8, latent_dim=3), id="vector"),
-    pytest.param(dict(n_features=8, latent_dim=3, activation="relu"), id="vector-relu"),
-    pytest.param(dict(image_shape=(1, 4, 4), n_features=16, latent_dim=4), id="image"),
-    pytest.param(dict(image_shape=(1, 4, 4), n_features=16, latent_dim=4, activation="relu",
-                      data_range=(0, 1)), id="image-relu-logit"),
-    pytest.param(dict(image_shape=(2, 4, 2), n_features=16, latent_dim=5), id="image-dense"),
+    pytest.param({"n_features": 8, "latent_dim": 3}, id="vector"),
+    pytest.param({"n_features": 8, "latent_dim": 3, "activation": "relu"}, id="vector-relu"),
+    pytest.param({"image_shape": (1, 4, 4), "n_features": 16, "latent_dim": 4}, id="image"),
+    pytest.param({"image_shape": (1, 4, 4), "n_features": 16, "latent_dim": 4, "activation": "relu",
+                      "data_range": (0, 1)}, id="image-relu-logit"),
+    pytest.param({"image_shape": (2, 4, 2), "n_features": 16, "latent_dim": 5}, id="image-dense"),
 ]
 
 
@@ -246,15 +245,16 @@ def test_stochastic_estimator_is_exact_for_a_scaled_isometry():
     q = torch.linalg.qr(torch.randn(9, 4, dtype=F64))[0]
     z = torch.randn(3, 4, dtype=F64)
     for c in (0.5, 2.0, 7.0):
-        est = stochastic_half_logdet(lambda t: c * (t @ q.T), z, n_probes=2, n_terms=15,
+        est = stochastic_half_logdet(lambda t, c=c: c * (t @ q.T), z, n_probes=2, n_terms=15,
                                      generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(est, torch.full((3,), 4 * math.log(c), dtype=F64),
                                    atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("config,scale,n_probes", [
-    pytest.param(dict(n_features=8, latent_dim=3), 0.1, 1000, id="vector"),
-    pytest.param(dict(image_shape=(1, 4, 4), n_features=16, latent_dim=4, data_range=(0, 1)),
+    pytest.param({"n_features": 8, "latent_dim": 3}, 0.1, 1000, id="vector"),
+    pytest.param({"image_shape": (1, 4, 4), "n_features": 16, "latent_dim": 4,
+                  "data_range": (0, 1)},
                  0.05, 800, id="image-logit"),
 ])
 def test_stochastic_estimator_matches_exact(config, scale, n_probes):
@@ -321,8 +321,8 @@ def test_exports_to_onnx(tmp_path):
 
 
 # -- the estimator -----------------------------------------------------------------------------
-TINY = dict(n_steps=1, n_latent_steps=1, hidden_features=8, max_epochs=2, batch_size=32,
-            random_state=0, device="cpu")
+TINY = {"n_steps": 1, "n_latent_steps": 1, "hidden_features": 8, "max_epochs": 2, "batch_size": 32,
+            "random_state": 0, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -419,20 +419,20 @@ def test_fit_is_reproducible(vector_data):
 
 
 @pytest.mark.parametrize("params,X_shape,match", [
-    (dict(latent_dim=6), (20, 6), "latent_dim must be smaller"),
-    (dict(latent_dim=9), (20, 6), "latent_dim must be smaller"),
-    (dict(latent_dim=0), (20, 6), "latent_dim must be a positive int"),
-    (dict(latent_dim=2.5), (20, 6), "latent_dim must be a positive int"),
-    (dict(), (20, 1), "n_features=1"),
-    (dict(image_shape=(1, 2, 2)), (20, 6), "image_shape"),
-    (dict(image_shape=(1, 2)), (20, 6), "image_shape"),
-    (dict(activation="tanh"), (20, 6), "activation"),
-    (dict(coupling="cubic"), (20, 6), "coupling"),
-    (dict(logdet="hutchinson"), (20, 6), "logdet"),
-    (dict(n_probes=0), (20, 6), "n_probes"),
-    (dict(n_steps=-1), (20, 6), "n_steps"),
-    (dict(regularization=-1e-6), (20, 6), "regularization"),
-    (dict(max_epochs=0), (20, 6), "max_epochs"),
+    ({"latent_dim": 6}, (20, 6), "latent_dim must be smaller"),
+    ({"latent_dim": 9}, (20, 6), "latent_dim must be smaller"),
+    ({"latent_dim": 0}, (20, 6), "latent_dim must be a positive int"),
+    ({"latent_dim": 2.5}, (20, 6), "latent_dim must be a positive int"),
+    ({}, (20, 1), "n_features=1"),
+    ({"image_shape": (1, 2, 2)}, (20, 6), "image_shape"),
+    ({"image_shape": (1, 2)}, (20, 6), "image_shape"),
+    ({"activation": "tanh"}, (20, 6), "activation"),
+    ({"coupling": "cubic"}, (20, 6), "coupling"),
+    ({"logdet": "hutchinson"}, (20, 6), "logdet"),
+    ({"n_probes": 0}, (20, 6), "n_probes"),
+    ({"n_steps": -1}, (20, 6), "n_steps"),
+    ({"regularization": -1e-6}, (20, 6), "regularization"),
+    ({"max_epochs": 0}, (20, 6), "max_epochs"),
 ])
 def test_bad_parameters(params, X_shape, match):
     X = np.random.RandomState(0).standard_normal(X_shape)

@@ -18,11 +18,11 @@ About that bound: Appendix B.1 of the paper states ``log det(J^T J) <= sum_k log
 J_k)``. Its interlacing step only bounds the compressed data-side factor by the *top*
 ``latent_dim`` eigenvalues, so the inequality is guaranteed when no Jacobian on the data side
 of an injective layer has a singular value below 1, and can fail otherwise (``J_2 = e_1``,
-``J_1 = diag(a, b)`` with ``b < 1`` gives ``a^2 > a^2 b^2``). It is exact when the layers on the data side of each
-injective layer are scaled isometries -- e.g. a single injective layer at the data end after
-any low-dimensional bijection (eq. 12), or freshly initialised networks. In general treat it as
-a proxy; :meth:`InjectiveFlow.log_prob` also offers the exact value and Algorithm 2's
-stochastic estimate.
+``J_1 = diag(a, b)`` with ``b < 1`` gives ``a^2 > a^2 b^2``). It is exact when the layers on
+the data side of each injective layer are scaled isometries -- e.g. a single injective layer
+at the data end after any low-dimensional bijection (eq. 12), or freshly initialised networks.
+In general treat it as a proxy; :meth:`InjectiveFlow.log_prob` also offers the exact value
+and Algorithm 2's stochastic estimate.
 
 :class:`InjectiveFlow` is a TRUMPET: an injective part ``g`` (bijective revnet steps, up-squeezes
 and injective layers, plus an optional logit at the data end) and a low-dimensional bijective
@@ -221,8 +221,9 @@ class InjectiveFlow(nn.Module):
 
     Mirrors :class:`~flowsk.nn.base.Flow`: ``inverse(z) -> (x, logdet)`` is the generator
     (``logdet`` the layer-wise bound, eq. (6), standing in for ``0.5 log det(J^T J)``),
-    ``forward(x) -> (z, logdet)`` the left pseudo-inverse with the negated bound, ``generate(z) -> (x, log p(x))``,
-    ``log_prob(x)``, and ``project(x) = G(G^+(x))`` onto the range.
+    ``forward(x) -> (z, logdet)`` the left pseudo-inverse with the negated bound,
+    ``generate(z) -> (x, log p(x))``, ``log_prob(x)``, and ``project(x) = G(G^+(x))`` onto
+    the range.
     """
 
     def __init__(self, injective, bijective, n_features, latent_dim, logit=None):
