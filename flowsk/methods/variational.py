@@ -334,13 +334,22 @@ class AmortizedVI(Method):
         return model.requires_grad_(False).eval()
 
     def sample(self, problem, Y, n_samples):
-        model, flow = problem.model, problem.flow
-        model = model.to(Y.device)
-        n, d = len(Y), flow.latent_dim
+        model, flow = problem.model.to(Y.device), problem.flow
+        n = len(Y)
         with torch.no_grad():
-            ctx = ((Y - model.y_mean) / model.y_std).repeat_interleave(n_samples, 0)
-            z = model.inverse(problem.randn(n * n_samples, d), ctx)[0]
-            return flow.inverse(z)[0].view(n, n_samples, -1)
+            eps = problem.randn(n * n_samples, flow.latent_dim)
+            return amortized_draw(model, flow, Y.repeat_interleave(n_samples, 0), eps).view(
+                n, n_samples, -1)
+
+
+def amortized_draw(model, flow, Y, eps):
+    """Posterior draws of a fitted ``amortized-vi`` model: ``Y (b, m), eps (b, d) -> x (b, D)``.
+
+    One pass of the conditional pre-generator and one of the prior's generator; ``eps`` is
+    standard normal noise in the prior's latent space.
+    """
+    z = model.inverse(eps, (Y - model.y_mean) / model.y_std)[0]
+    return flow.inverse(z)[0]
 
 
 METHODS = {"vi": VI, "ambient-vi": AmbientVI, "amortized-vi": AmortizedVI}
