@@ -13,7 +13,11 @@ part            inputs                     outputs
 ``log_prob``    ``x`` (batch, n_features)  ``log_prob`` (batch,), nats
 ==============  =========================  ===============================
 
-Other estimators add their parts with :func:`register_parts`.
+``InjectiveFlowPrior`` exports ``decoder`` and ``projector`` (``x -> G(G^+(x))``, both
+``(batch, n_features)``), and an ``InverseSolver`` fitted with ``method="amortized-vi"``
+exports ``posterior_sampler``: ``y`` (batch, m) and standard normal ``noise`` (batch,
+latent_dim) give one posterior draw ``x`` (batch, n_features) per row. Other estimators add
+their parts with :func:`register_parts`.
 
 Every file has a dynamic batch axis (``"batch"``), runs in float32, and records in its metadata
 (``metadata_props``, each value JSON text) ``part``, ``estimator``, ``image_shape``,
@@ -57,7 +61,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 import flowsk
-from flowsk import FlowPrior
+from flowsk import FlowPrior, InjectiveFlowPrior, InverseSolver
+from flowsk.methods.variational import amortized_draw
 
 __all__ = [
     "FORBIDDEN_OPS",
@@ -101,6 +106,9 @@ class OnnxPart:
     prior : callable or None
         ``estimator -> fitted flow prior`` whose ``image_shape``, ``data_range`` and ``flow_``
         the metadata records (an inverse solver's prior, say); None: the estimator itself.
+    requires : callable or None
+        ``estimator -> None or str``: why this estimator cannot export the part (an inverse
+        solver whose method has no sampler network, say); None: always exportable.
     """
 
     module: Callable
@@ -109,6 +117,7 @@ class OnnxPart:
     sample_inputs: Callable
     description: str = ""
     prior: Callable | None = None
+    requires: Callable | None = None
 
     @property
     def input_names(self):
@@ -122,18 +131,7 @@ def register_parts(estimator_type, parts):
     """Declare the exportable parts (``{name: OnnxPart}``) of ``estimator_type``.
 
     The table of the first class in an estimator's MRO that has one is used whole, so a subclass
-    that registers its own parts does not inherit its parent's. For example, an injective prior
-    with a ``project`` method could register::
-
-        register_parts(InjectiveFlowPrior, {
-            "decoder": OnnxPart(lambda est: FlowDecoder(est.flow_), (("z", latent_shape),),
-                                ("x",), latent_samples),
-            "projector": OnnxPart(lambda est: Projector(est.flow_), (("x", data_shape),),
-                                  ("x_projected",), data_samples),
-        })
-
-    and a posterior sampler takes two inputs, ``(("y", measurement_shape), ("noise",
-    noise_shape))``, with ``prior=lambda solver: solver.prior``.
+    that registers its own parts does not inherit its parent's.
     """
     for name, part in parts.items():
         if not isinstance(part, OnnxPart):
@@ -151,9 +149,16 @@ def _parts_table(estimator):
                     f"{supported}")
 
 
+def _unavailable(estimator, spec):
+    if isinstance(estimator, type) or spec.requires is None:
+        return None
+    return spec.requires(estimator)
+
+
 def available_parts(estimator):
     """Names of the parts ``estimator`` (an instance or a class) can export, sorted."""
-    return sorted(_parts_table(estimator))
+    return sorted(name for name, spec in _parts_table(estimator).items()
+                  if _unavailable(estimator, spec) is None)
 
 
 def _get_part(estimator, part):
@@ -161,6 +166,9 @@ def _get_part(estimator, part):
     if part not in table:
         raise ValueError(f"unknown part {part!r} for {type(estimator).__name__}; valid parts: "
                          f"{', '.join(sorted(table))}")
+    reason = _unavailable(estimator, table[part])
+    if reason is not None:
+        raise ValueError(f"cannot export part {part!r}: {reason}")
     return table[part]
 
 
@@ -230,6 +238,73 @@ FLOW_PRIOR_PARTS = {
                          "flowsk log-density: x (batch, n_features) -> log p(x) (batch,), nats"),
 }
 register_parts(FlowPrior, FLOW_PRIOR_PARTS)
+
+
+# -- InjectiveFlowPrior ------------------------------------------------------------------------
+class FlowProjector(torch.nn.Module):
+    """``x (B, n_features) -> G(G^+(x)) (B, n_features)``: projection onto the range."""
+
+    def __init__(self, flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x):
+        return self.flow.project(x)
+
+
+register_parts(InjectiveFlowPrior, {
+    "decoder": FLOW_PRIOR_PARTS["decoder"],
+    "projector": OnnxPart(lambda est: FlowProjector(est.flow_), (("x", data_shape),),
+                          ("x_projected",), data_samples,
+                          "flowsk projector: x (batch, n_features) -> G(G^+(x)) "
+                          "(batch, n_features)"),
+})
+
+
+# -- InverseSolver -----------------------------------------------------------------------------
+class PosteriorSampler(torch.nn.Module):
+    """``(y (B, m), noise (B, latent_dim)) -> x (B, n_features)``: one posterior draw per row.
+
+    ``noise`` is standard normal; the same ``y`` with ``k`` noise rows gives ``k`` draws of
+    ``p(x | y)``.
+    """
+
+    def __init__(self, model, flow):
+        super().__init__()
+        self.model, self.flow = model, flow
+
+    def forward(self, y, noise):
+        return amortized_draw(self.model, self.flow, y, noise)
+
+
+def _sampler_requires(solver):
+    if solver.method != "amortized-vi":
+        return (f"only an InverseSolver with method='amortized-vi' has a sampler network, "
+                f"this one uses {solver.method!r}")
+    return None
+
+
+def _measurement_shape(solver):
+    return (int(solver.operator.output_dim),)
+
+
+def _measurement_samples(solver, n_samples, rng):
+    """Measurements ``y = A(x) + sigma * noise`` of prior samples, and standard normal noise."""
+    X = solver.prior.sample(n_samples, random_state=rng)
+    sigma = solver._params(solver._method())["sigma"]
+    Y = solver.operator.measure(X, noise_std=sigma, random_state=rng)
+    return (np.asarray(Y, dtype=np.float32),
+            latent_samples(solver.prior, n_samples, rng)[0])
+
+
+register_parts(InverseSolver, {
+    "posterior_sampler": OnnxPart(
+        lambda solver: PosteriorSampler(solver.model_, solver.prior.flow_),
+        (("y", _measurement_shape), ("noise", lambda solver: latent_shape(solver.prior))),
+        ("x",), _measurement_samples,
+        "flowsk posterior sampler: y (batch, m), noise (batch, latent_dim) -> x (batch, "
+        "n_features)", prior=lambda solver: solver.prior, requires=_sampler_requires),
+})
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -308,12 +383,13 @@ def to_onnx(estimator, path, part="decoder", opset=None):
 
     Parameters
     ----------
-    estimator : fitted FlowPrior (or any type with registered parts)
+    estimator : fitted FlowPrior, InjectiveFlowPrior or amortized-vi InverseSolver
     path : str or path-like
         Where to write the ``.onnx`` file.
     part : str
         ``FlowPrior``: ``"decoder"`` (z -> x), ``"encoder"`` (x -> z) or ``"log_prob"``
-        (x -> log p(x)). :func:`available_parts` lists them for any estimator.
+        (x -> log p(x)); ``InjectiveFlowPrior``: ``"decoder"`` or ``"projector"``;
+        ``InverseSolver``: ``"posterior_sampler"``. :func:`available_parts` lists them.
     opset : int or None
         ONNX opset version; None uses the exporter's default.
 
@@ -324,8 +400,8 @@ def to_onnx(estimator, path, part="decoder", opset=None):
     The export runs on a deep copy of the model on CPU in float32 (the estimator may live on a
     GPU and is left untouched).
     """
-    spec = _get_part(estimator, part)
     check_is_fitted(estimator)
+    spec = _get_part(estimator, part)
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, (int, np.integer))
                               or opset < 7):
         raise ValueError(f"opset must be an int >= 7 or None, got {opset!r}")
@@ -379,8 +455,8 @@ def check_onnx(path, estimator, n_samples=64, providers=None, random_state=0):
     """Max absolute difference between onnxruntime and PyTorch on random inputs.
 
     The part comes from the file's metadata; inputs are drawn for it (a standard normal latent
-    for ``decoder``, samples of ``estimator`` for ``encoder`` and ``log_prob``, so they lie in
-    ``data_range``). PyTorch runs a CPU float32 copy of the estimator's model.
+    for ``decoder``, samples of ``estimator`` for ``encoder``, ``log_prob`` and ``projector``,
+    so they lie in ``data_range``; measurements of prior samples for ``posterior_sampler``). PyTorch runs a CPU float32 copy of the estimator's model.
 
     Parameters
     ----------
@@ -408,8 +484,8 @@ def check_onnx(path, estimator, n_samples=64, providers=None, random_state=0):
     if "part" not in metadata:
         raise ValueError(f"{os.fspath(path)} has no flowsk metadata; export it with to_onnx")
     part = metadata["part"]
-    spec = _get_part(estimator, part)
     check_is_fitted(estimator)
+    spec = _get_part(estimator, part)
     expected = _estimator_metadata(estimator, part, spec)
     for key in ("latent_dim", "n_features", "image_shape", "data_range"):
         if key in metadata and metadata[key] != expected[key]:
