@@ -12,9 +12,13 @@ _MAX_LR_CUTS = 3
 
 def resolve_device(device):
     """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if device == "auto":
+    if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device, "
+                         f"got {device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was requested but CUDA is not available; "
                          "use device='cpu' or 'auto'")

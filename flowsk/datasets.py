@@ -1,4 +1,7 @@
-"""Embedded data: scikit-learn's digits and patches of bundled photographs."""
+"""Embedded data: scikit-learn's digits, patches of bundled photographs, and Hong et al.'s 2-D
+mixing toy."""
+import numbers
+
 import numpy as np
 from skimage import color, data as skdata
 from sklearn.datasets import load_digits, load_sample_images
@@ -58,3 +61,28 @@ def load_image_patches(size=8, n_patches=2000, color=False, images=None, random_
         c = rng.randint(img.shape[1] - size + 1)
         patches[k] = img[r:r + size, c:c + size].transpose(2, 0, 1)
     return patches.reshape(n_patches, -1), (channels, size, size)
+
+
+MIXING = np.array([[0.7, 0.3], [0.3, 0.7]])
+
+
+def make_mixing_toy(n_samples=1000, shift=(0.0, 0.0), noise=0.01, random_state=None):
+    """The 2-D toy inverse problem of Hong, Park and Chun (eq. 7).
+
+    ``x`` uniform on ``[-1, 1]^2``, ``y = MIXING x + N(0, noise^2 I) + shift`` with
+    ``MIXING = [[0.7, 0.3], [0.3, 0.7]]``; ``shift=(0.8, -0.8)`` gives their out-of-distribution
+    measurements. Returns ``(X, Y)``, both ``(n_samples, 2)`` float64.
+    """
+    if (isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral)
+            or n_samples < 1):
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    shift = np.asarray(shift)
+    if shift.shape != (2,) or shift.dtype.kind not in "biuf" or not np.isfinite(shift).all():
+        raise ValueError(f"shift must be 2 finite numbers, got {shift!r}")
+    if (isinstance(noise, bool) or not isinstance(noise, numbers.Real)
+            or not (np.isfinite(noise) and noise >= 0)):
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    rng = check_random_state(random_state)
+    X = rng.uniform(-1.0, 1.0, (n_samples, 2))
+    Y = X @ MIXING.T + noise * rng.standard_normal((n_samples, 2)) + shift
+    return X, Y

@@ -1,12 +1,28 @@
-"""Image-quality and density metrics."""
+"""Image-quality, density and robustness metrics."""
 import math
+import numbers
+import warnings
+from contextlib import contextmanager
 
 import numpy as np
+import torch
 from skimage.metrics import structural_similarity
+from sklearn.utils.validation import check_is_fitted
+
+
+def _check_data_range(data_range):
+    if (isinstance(data_range, bool) or not isinstance(data_range, numbers.Real)
+            or not (np.isfinite(data_range) and data_range > 0)):
+        raise ValueError(f"data_range must be a finite number > 0 (hi - lo of the signals), "
+                         f"got {data_range!r}")
 
 
 def _pair(X_true, X_pred):
-    X_true, X_pred = np.asarray(X_true, dtype=np.float64), np.asarray(X_pred, dtype=np.float64)
+    X_true, X_pred = np.asarray(X_true), np.asarray(X_pred)
+    for X in (X_true, X_pred):
+        if X.dtype.kind not in "biuf":
+            raise ValueError(f"X_true and X_pred must hold real numbers, got dtype {X.dtype}")
+    X_true, X_pred = X_true.astype(np.float64), X_pred.astype(np.float64)
     if X_true.ndim == 1:
         X_true, X_pred = X_true[None], X_pred[None]
     if X_true.ndim != 2 or X_true.shape != X_pred.shape:
@@ -24,8 +40,13 @@ def psnr(X_true, X_pred, data_range=1.0):
 
     ``10 log10(data_range^2 / mse)``; a perfect reconstruction gives ``inf``.
     """
+    _check_data_range(data_range)
     X_true, X_pred = _pair(X_true, X_pred)
-    mse = np.mean((X_true - X_pred) ** 2, axis=1)
+    with np.errstate(over="ignore"):
+        mse = np.mean((X_true - X_pred) ** 2, axis=1)
+    if not np.isfinite(mse).all():
+        raise ValueError("the squared error of X_true and X_pred overflows float64; rescale "
+                         "both arrays")
     with np.errstate(divide="ignore"):
         return 10 * np.log10(data_range ** 2 / mse)
 
@@ -33,20 +54,139 @@ def psnr(X_true, X_pred, data_range=1.0):
 def ssim(X_true, X_pred, image_shape, data_range=1.0):
     """Structural similarity per row (scikit-image), images ``(C, H, W)`` flattened:
     ``(n, d), (n, d) -> (n,)``. Uses a 7x7 window, or the largest odd one that fits."""
+    _check_data_range(data_range)
     X_true, X_pred = _pair(X_true, X_pred)
-    c, h, w = image_shape
+    shape = tuple(image_shape) if np.ndim(image_shape) == 1 else ()
+    if len(shape) != 3 or not all(isinstance(s, numbers.Integral) and s > 0 for s in shape):
+        raise ValueError(f"image_shape must be (C, H, W) positive ints, got {image_shape!r}")
+    c, h, w = shape
     if c * h * w != X_true.shape[1]:
-        raise ValueError(f"image_shape {tuple(image_shape)} does not match "
-                         f"{X_true.shape[1]} features")
+        raise ValueError(f"image_shape {shape} does not match {X_true.shape[1]} features")
     win = min(7, h - (1 - h % 2), w - (1 - w % 2))
     if win < 3:
-        raise ValueError(f"images of shape {tuple(image_shape)} are too small for SSIM")
-    out = [structural_similarity(t.reshape(c, h, w), p.reshape(c, h, w), channel_axis=0,
-                                 data_range=data_range, win_size=win)
-           for t, p in zip(X_true, X_pred)]
-    return np.asarray(out)
+        raise ValueError(f"images of shape {shape} are too small for SSIM")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.asarray([structural_similarity(t.reshape(c, h, w), p.reshape(c, h, w),
+                                                channel_axis=0, data_range=data_range,
+                                                win_size=win)
+                          for t, p in zip(X_true, X_pred)])
+    if not np.isfinite(out).all():
+        raise ValueError("SSIM overflows float64 for these values; rescale X_true and X_pred")
+    return out
 
 
 def bits_per_dim(log_likelihood, n_features):
-    """Negative log-likelihood in nats per sample -> bits per dimension."""
-    return -log_likelihood / (n_features * math.log(2))
+    """Negative log-likelihood in nats per sample -> bits per dimension (same shape)."""
+    if (isinstance(n_features, bool) or not isinstance(n_features, numbers.Integral)
+            or n_features < 1):
+        raise ValueError(f"n_features must be a positive int, got {n_features!r}")
+    ll = np.asarray(log_likelihood)
+    if ll.dtype.kind not in "biuf" or not np.isfinite(ll).all():
+        raise ValueError(f"log_likelihood must be finite real numbers, got {log_likelihood!r}")
+    return -ll.astype(np.float64)[()] / (n_features * math.log(2))
+
+
+@contextmanager
+def _raw_outputs(estimator):
+    """Let ``estimator`` return non-finite outputs (no raise, no warning) for a while."""
+    saved = estimator.on_nonfinite
+    estimator.on_nonfinite = "warn"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*contain non-finite values",
+                                    category=RuntimeWarning)
+            yield
+    finally:
+        estimator.on_nonfinite = saved
+
+
+def _bad_rows(A):
+    """Rows of ``A (n, ...)`` holding a non-finite value: bool ``(n,)``."""
+    return ~np.isfinite(A.reshape(len(A), -1)).all(1)
+
+
+def inf_rate(estimator, X=None, *, n_draws=10, temperature=1.0, random_state=None):
+    """%Inf of Hong et al.: the share of inputs whose draws hold a non-finite value, in [0, 1].
+
+    Non-finite outputs are counted, not raised, whatever the estimator's ``on_nonfinite``.
+
+    - ``InverseSolver`` with a posterior method: ``X`` are measurements ``(n_obs, m)``; each
+      observation gets ``n_draws`` posterior draws (``temperature`` must be 1).
+    - ``FlowPrior`` / ``InjectiveFlowPrior`` with ``X`` ``(n, n_features)``: each input's draw
+      is its latent code ``f(x)`` and its round trip ``G(f(x))`` (``n_draws`` and
+      ``temperature`` are not used).
+    - ``FlowPrior`` / ``InjectiveFlowPrior`` with ``X=None``: ``n_draws`` samples
+      ``G(temperature * eps)``, each its own input.
+    """
+    from .prior import BaseFlowEstimator
+    from .solver import InverseSolver
+
+    if not (isinstance(temperature, numbers.Real) and np.isfinite(temperature)
+            and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if isinstance(estimator, InverseSolver):
+        if X is None:
+            raise ValueError("inf_rate of an InverseSolver needs measurements X (n_obs, m)")
+        if temperature != 1:
+            raise ValueError("an InverseSolver draws from its posterior: temperature must be 1")
+        with _raw_outputs(estimator):
+            S = estimator.sample_posterior(X, n_samples=n_draws)
+        return float(_bad_rows(S).mean())
+    if not isinstance(estimator, BaseFlowEstimator):
+        raise TypeError(f"inf_rate needs a FlowPrior, InjectiveFlowPrior or InverseSolver, got "
+                        f"{type(estimator).__name__}")
+    check_is_fitted(estimator)
+    with _raw_outputs(estimator):
+        if X is None:
+            S = estimator.sample(n_draws, temperature=temperature, random_state=random_state)
+            return float(_bad_rows(S).mean())
+        Z = estimator.transform(X)
+        bad = _bad_rows(Z)
+        if (~bad).any():
+            bad[~bad] = _bad_rows(estimator.inverse_transform(Z[~bad]))
+    return float(bad.mean())
+
+
+def ood_score(estimator, X):
+    """Mahalanobis distance of each input's features from their training distribution:
+    ``(n, n_features or m) -> (n,)`` (``inf`` where the features are not finite).
+
+    - ``FlowPrior`` / ``InjectiveFlowPrior``: ``X`` data ``(n, n_features)``, features = latent
+      codes ``f(x)`` ``(n, latent_dim)``, against those of the training data
+      (``latent_covariance_``).
+    - ``InverseSolver`` with ``method="amortized-vi"``, fitted: ``X`` measurements ``(n, m)``,
+      features = the conditional pre-generator's encoding of ``y`` (Hong et al.'s ``g(y)``),
+      against those of its training measurements.
+
+    The distance is ``sqrt((u - mu)^T Sigma^+ (u - mu))`` with ``mu``, ``Sigma`` of
+    :class:`sklearn.covariance.EmpiricalCovariance` fitted at ``fit`` time.
+    """
+    from .methods.variational import amortized_context
+    from .prior import BaseFlowEstimator
+    from .solver import InverseSolver
+
+    if isinstance(estimator, InverseSolver):
+        if estimator.method != "amortized-vi":
+            raise ValueError(f"ood_score of an InverseSolver needs method='amortized-vi' (an "
+                             f"encoder of y), got {estimator.method!r}")
+        check_is_fitted(estimator, "model_", msg="the solver is not fitted: call fit(Y) first")
+        model = estimator.model_
+        Y = estimator.operator.check_measurements(X)
+        weight = next(model.parameters())
+        with torch.no_grad():
+            features = amortized_context(model, torch.as_tensor(Y, dtype=weight.dtype,
+                                                                device=weight.device))
+        features, covariance = features.cpu().numpy(), model.feature_covariance
+    elif isinstance(estimator, BaseFlowEstimator):
+        check_is_fitted(estimator, "latent_covariance_")
+        with _raw_outputs(estimator):
+            features = estimator.transform(X)
+        covariance = estimator.latent_covariance_
+    else:
+        raise TypeError(f"ood_score needs a FlowPrior, InjectiveFlowPrior or InverseSolver, "
+                        f"got {type(estimator).__name__}")
+    bad = _bad_rows(features)
+    out = np.full(len(features), np.inf)
+    if (~bad).any():
+        out[~bad] = np.sqrt(covariance.mahalanobis(features[~bad].astype(np.float64)))
+    return out

@@ -163,7 +163,13 @@ class Operator(nn.Module):
             Y = self(x).cpu().numpy()
         if noise_std > 0:
             rng = check_random_state(random_state)
-            Y = Y + (noise_std * rng.standard_normal(Y.shape)).astype(dtype)
+            with np.errstate(over="ignore"):
+                Y = Y + (noise_std * rng.standard_normal(Y.shape)).astype(dtype)
+        if not np.isfinite(Y).all():
+            raise ValueError(
+                f"the measurements overflow {np.dtype(dtype).name}: X or noise_std is too large "
+                f"for this operator; rescale X or use float64 input."
+            )
         return Y
 
     def check_measurements(self, Y):

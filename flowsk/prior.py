@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, DensityMixin, TransformerMixin
+from sklearn.covariance import EmpiricalCovariance
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
@@ -30,6 +31,19 @@ def check_finite_output(values, on_nonfinite, what):
     return values
 
 
+def check_float32_range(X, name):
+    """Raise ``ValueError`` when ``X`` holds values beyond float32, the flows' precision."""
+    if X.size and np.abs(X).max() > np.finfo(np.float32).max:
+        raise ValueError(f"{name} has values of magnitude up to {np.abs(X).max():.3g}, beyond "
+                         "the float32 range the flows compute in; rescale it")
+    return X
+
+
+def _is_real(value, low=-np.inf):
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and np.isfinite(value) and value >= low)
+
+
 class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
     """Shared machinery of the flow priors: validation, device, batching, pickling.
 
@@ -40,32 +54,36 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
     # -- validation -------------------------------------------------------------------------
     def _check_common_params(self):
         if self.image_shape is not None:
-            shape = tuple(self.image_shape)
+            shape = tuple(self.image_shape) if np.ndim(self.image_shape) == 1 else ()
             if len(shape) != 3 or not all(isinstance(s, numbers.Integral) and s > 0
                                           for s in shape):
-                raise ValueError(f"image_shape must be (C, H, W) positive ints, got {shape}")
+                raise ValueError(f"image_shape must be (C, H, W) positive ints, "
+                                 f"got {self.image_shape!r}")
         if self.data_range is not None:
-            lo, hi = self.data_range
-            if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+            pair = tuple(self.data_range) if np.ndim(self.data_range) == 1 else ()
+            if len(pair) != 2 or not all(map(_is_real, pair)) or not pair[0] < pair[1]:
                 raise ValueError(f"data_range must be (lo, hi) finite with lo < hi, "
-                                 f"got {self.data_range}")
+                                 f"got {self.data_range!r}")
         for name in ("max_epochs", "batch_size", "n_iter_no_change"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not (isinstance(self.learning_rate, numbers.Real) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if not (isinstance(self.weight_decay, numbers.Real) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.verbose, numbers.Integral):
+            raise TypeError(f"verbose must be an int, got {self.verbose!r}")
+        if not (_is_real(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be finite and > 0, got {self.learning_rate!r}")
+        if not _is_real(self.weight_decay, 0):
+            raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay!r}")
         if not (isinstance(self.validation_fraction, numbers.Real)
                 and 0 <= self.validation_fraction < 1):
             raise ValueError(f"validation_fraction must be in [0, 1), "
                              f"got {self.validation_fraction!r}")
-        if self.on_nonfinite not in ("raise", "warn"):
+        if not isinstance(self.on_nonfinite, str) or self.on_nonfinite not in ("raise", "warn"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'warn', got {self.on_nonfinite!r}")
 
     def _validate(self, X, reset=False):
         X = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
+        check_float32_range(X, "X")
         if reset:
             if len(X) < 2:
                 raise ValueError(f"{type(self).__name__} needs at least 2 samples, "
@@ -84,7 +102,7 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
 
     def _validate_latent(self, Z):
         check_is_fitted(self)
-        Z = check_array(Z, dtype=[np.float64, np.float32])
+        Z = check_float32_range(check_array(Z, dtype=[np.float64, np.float32]), "Z")
         if Z.shape[1] != self.flow_.latent_dim:
             raise ValueError(f"Z has {Z.shape[1]} features, expected the latent dimension "
                              f"{self.flow_.latent_dim}")
@@ -113,6 +131,10 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
             torch.manual_seed(rng.randint(2**31 - 1))
             self._fit(X, rng)
         self.flow_.requires_grad_(False)
+        Z = self._map(lambda x: self.flow_(x)[0], X)
+        finite = np.isfinite(check_finite_output(Z, self.on_nonfinite,
+                                                 "latent codes of the training data")).all(1)
+        self.latent_covariance_ = EmpiricalCovariance().fit(Z[finite])
         return self
 
     # -- density estimator ------------------------------------------------------------------
@@ -120,7 +142,8 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
         """Log-density of each sample, nats: ``(n, n_features) -> (n,)``."""
         check_is_fitted(self)
         X = self._validate(X)
-        return self._map(self.flow_.log_prob, X)
+        return check_finite_output(self._map(self.flow_.log_prob, X), self.on_nonfinite,
+                                   "log-likelihoods")
 
     def score(self, X, y=None):
         """Mean log-likelihood of ``X`` in nats per sample."""
@@ -135,8 +158,8 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
-        if not (isinstance(temperature, numbers.Real) and temperature >= 0):
-            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if not _is_real(temperature, 0):
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature!r}")
         rng = check_random_state(random_state)
         Z = temperature * rng.standard_normal((n_samples, self.flow_.latent_dim))
         X = self._map(lambda z: self.flow_.inverse(z)[0], Z)
@@ -146,7 +169,8 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
         """Latent codes ``z = f(x)``: ``(n, n_features) -> (n, latent_dim)``."""
         check_is_fitted(self)
         X = self._validate(X)
-        return self._map(lambda x: self.flow_(x)[0], X, X.dtype)
+        Z = self._map(lambda x: self.flow_(x)[0], X, X.dtype)
+        return check_finite_output(Z, self.on_nonfinite, "latent codes")
 
     def inverse_transform(self, Z):
         """Generate ``x = G(z)``: ``(n, latent_dim) -> (n, n_features)``."""
@@ -212,6 +236,9 @@ class FlowPrior(BaseFlowEstimator):
         entry per epoch run (NaN for an epoch that diverged and was undone)
     best_epoch_ : int
         Index into ``history_`` of the epoch whose weights were kept.
+    latent_covariance_ : sklearn.covariance.EmpiricalCovariance
+        Mean and covariance of the training data's latent codes, for
+        :func:`flowsk.metrics.ood_score`.
     device_ : torch.device
     """
 
@@ -252,15 +279,15 @@ class FlowPrior(BaseFlowEstimator):
         if arch in IMAGE_ARCHITECTURES and self.image_shape is None:
             raise ValueError(f"architecture={arch!r} needs image_shape=(C, H, W); "
                              "use architecture='mlp' for vector data")
-        if self.coupling not in TRANSFORMS:
+        if not isinstance(self.coupling, str) or self.coupling not in TRANSFORMS:
             raise ValueError(f"coupling must be one of {sorted(TRANSFORMS)}, "
                              f"got {self.coupling!r}")
         for name in ("n_levels", "n_steps", "hidden_features"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not (isinstance(self.dequantize, numbers.Real) and self.dequantize >= 0):
-            raise ValueError(f"dequantize must be >= 0, got {self.dequantize!r}")
+        if not _is_real(self.dequantize, 0):
+            raise ValueError(f"dequantize must be finite and >= 0, got {self.dequantize!r}")
 
     def _loss(self, flow, batch):
         if flow.training and self.dequantize > 0:

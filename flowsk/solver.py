@@ -12,7 +12,8 @@ from ._training import resolve_device
 from .methods import METHODS
 from .methods.base import Problem
 from .metrics import psnr
-from .prior import check_finite_output
+from .operators import Operator
+from .prior import check_finite_output, check_float32_range
 
 _HYPERPARAMETERS = ("gamma", "alpha", "beta", "sigma", "init", "init_std", "n_iter",
                     "learning_rate", "n_restarts", "n_samples")
@@ -95,7 +96,7 @@ class InverseSolver(BaseEstimator):
 
     # -- set-up -----------------------------------------------------------------------------
     def _method(self):
-        if self.method not in METHODS:
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; valid methods: "
                              f"{', '.join(sorted(METHODS))}")
         return METHODS[self.method]()
@@ -113,6 +114,8 @@ class InverseSolver(BaseEstimator):
             _check_hyperparameter(name, value)
             params[name] = value
         extra = self.method_params or {}
+        if not isinstance(extra, dict):
+            raise TypeError(f"method_params must be a dict or None, got {extra!r}")
         unknown = sorted(set(extra) - set(params) - set(_HYPERPARAMETERS))
         if unknown:
             raise ValueError(f"method {self.method!r} has no settings {unknown}; it reads "
@@ -123,6 +126,10 @@ class InverseSolver(BaseEstimator):
     def _check_prior_operator(self, method):
         check_is_fitted(self.prior, msg="the prior is not fitted: call prior.fit(X) before "
                                         "building an InverseSolver")
+        if not isinstance(self.operator, Operator):
+            raise TypeError(f"operator must be a flowsk.operators.Operator (wrap a matrix in "
+                            f"MatrixOperator, a torch callable in FunctionOperator), got "
+                            f"{type(self.operator).__name__}")
         n = self.prior.n_features_in_
         if self.operator.n_features != n:
             raise ValueError(f"the operator acts on {self.operator.n_features} features but "
@@ -132,7 +139,7 @@ class InverseSolver(BaseEstimator):
 
     def _problem(self, method):
         self._check_prior_operator(method)
-        if self.on_nonfinite not in ("raise", "warn"):
+        if not isinstance(self.on_nonfinite, str) or self.on_nonfinite not in ("raise", "warn"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'warn', got {self.on_nonfinite!r}")
         device = self.prior.device_ if self.device is None else resolve_device(self.device)
         flow = self.prior.flow_
@@ -162,7 +169,7 @@ class InverseSolver(BaseEstimator):
         """
         method = self._method()
         problem = self._problem(method)
-        Y = self.operator.check_measurements(Y)
+        Y = check_float32_range(self.operator.check_measurements(Y), "Y")
         if X is not None:
             X = np.asarray(X, dtype=np.float64)
             if X.shape != (len(Y), self.prior.n_features_in_) or not np.isfinite(X).all():
@@ -186,7 +193,7 @@ class InverseSolver(BaseEstimator):
         """
         method = self._method()
         problem = self._ready(method)
-        Y = self.operator.check_measurements(Y)
+        Y = check_float32_range(self.operator.check_measurements(Y), "Y")
         if method.posterior:
             S = self._run(lambda p, y: method.sample(p, y, p.params["n_samples"]), Y, problem)
             check_finite_output(S, self.on_nonfinite, "posterior samples")
@@ -206,7 +213,7 @@ class InverseSolver(BaseEstimator):
                              f"needs a posterior method ({', '.join(_posterior_methods())})")
         _check_hyperparameter("n_samples", n_samples)
         problem = self._ready(method)
-        Y = self.operator.check_measurements(Y)
+        Y = check_float32_range(self.operator.check_measurements(Y), "Y")
         S = self._run(lambda p, y: method.sample(p, y, n_samples), Y, problem)
         return check_finite_output(S, self.on_nonfinite, "posterior samples")
 

@@ -22,17 +22,22 @@ minimised by Adam with the reparametrisation trick (``mc_samples`` draws per ste
 - ``ambient-vi``: the same objective with the pre-generator in data space
   (``x = q-flow(eps)``, ``-log p(x)`` from the prior's density), the paper's baseline.
 - ``amortized-vi``: a conditional flow ``q(z | y)`` trained once in ``fit``; after that,
-  ``sample`` is one network pass.
+  ``sample`` is one network pass. As in Hong, Park and Chun, the couplings see ``y`` through
+  an encoder ``g(y)`` (a residual MLP of the standardised ``y``, the identity at
+  initialisation); the mean and covariance of ``g`` over the training measurements are kept
+  for :func:`flowsk.metrics.ood_score`.
 """
 import math
 
 import numpy as np
 import torch
+from sklearn.covariance import EmpiricalCovariance
 from tqdm.auto import tqdm
 
 from .._training import train
 from ..nn.base import standard_normal_log_prob
 from ..nn.builders import build_flow
+from ..nn.networks import MLP
 from .base import Method
 
 
@@ -276,6 +281,17 @@ class AmbientVI(VI):
         return x.clamp(*problem.data_range) if problem.data_range is not None else x
 
 
+class ResidualEncoder(torch.nn.Module):
+    """``g(y) = y + MLP(y)``: ``(b, m) -> (b, m)``, the identity at initialisation."""
+
+    def __init__(self, m, hidden_features):
+        super().__init__()
+        self.net = MLP(m, m, hidden_features, n_hidden=1)
+
+    def forward(self, y):
+        return y + self.net(y)
+
+
 class AmortizedVI(Method):
     """One conditional pre-generator ``q(z | y)`` shared by all observations.
 
@@ -284,6 +300,11 @@ class AmortizedVI(Method):
     the prior, ``y = A(x) + sigma * noise``. Minimising this expected forward KL over
     ``p(x, y)`` makes ``q(z | y)`` the posterior of the smoothed model. ``sample`` is then
     one pass of the conditional flow and the prior.
+
+    The model is the conditional flow with an ``encoder`` (``y`` standardised by the buffers
+    ``y_mean``, ``y_std`` -> ``m`` features that every coupling reads) and
+    ``feature_covariance``, an :class:`~sklearn.covariance.EmpiricalCovariance` of the
+    encoder's features of the training measurements.
     """
 
     posterior = True
@@ -319,19 +340,24 @@ class AmortizedVI(Method):
         model = build_flow(flow.latent_dim, architecture="mlp", coupling=p["coupling"],
                            n_steps=p["n_steps"], hidden_features=p["hidden_features"],
                            context_features=m, random_state=seed).to(device)
-        # standardise the context so that the conditioner sees unit-scale inputs
+        model.encoder = ResidualEncoder(m, p["hidden_features"]).to(device)
+        # standardise the context so that the encoder sees unit-scale inputs
         model.register_buffer("y_mean", Yt.mean(0))
         model.register_buffer("y_std", Yt.std(0) + 1e-6)
         d = flow.latent_dim
 
         def loss_fn(module, batch):
-            ctx = (batch[:, d:] - module.y_mean) / module.y_std
-            return -module.log_prob(batch[:, :d], ctx).mean()
+            return -module.log_prob(batch[:, :d], amortized_context(module, batch[:, d:])).mean()
 
         train(model, loss_fn, torch.cat([Z, Yt], 1), max_epochs=p["n_iter"],
               batch_size=p["batch_size"], learning_rate=p["learning_rate"],
               rng=np.random.RandomState(seed), verbose=problem.verbose, desc="amortized-vi")
-        return model.requires_grad_(False).eval()
+        model.requires_grad_(False).eval()
+        with torch.no_grad():
+            features = torch.cat([amortized_context(model, Yt[s:s + 4096])
+                                  for s in range(0, len(Yt), 4096)])
+        model.feature_covariance = EmpiricalCovariance().fit(features.cpu().double().numpy())
+        return model
 
     def sample(self, problem, Y, n_samples):
         model, flow = problem.model.to(Y.device), problem.flow
@@ -342,13 +368,19 @@ class AmortizedVI(Method):
                 n, n_samples, -1)
 
 
+def amortized_context(model, Y):
+    """The encoder features ``g(y)`` a fitted ``amortized-vi`` model conditions on:
+    ``Y (b, m) -> (b, k)``."""
+    return model.encoder((Y - model.y_mean) / model.y_std)
+
+
 def amortized_draw(model, flow, Y, eps):
     """Posterior draws of a fitted ``amortized-vi`` model: ``Y (b, m), eps (b, d) -> x (b, D)``.
 
-    One pass of the conditional pre-generator and one of the prior's generator; ``eps`` is
-    standard normal noise in the prior's latent space.
+    One pass of the encoder, the conditional pre-generator and the prior's generator; ``eps``
+    is standard normal noise in the prior's latent space.
     """
-    z = model.inverse(eps, (Y - model.y_mean) / model.y_std)[0]
+    z = model.inverse(eps, amortized_context(model, Y))[0]
     return flow.inverse(z)[0]
 
 
