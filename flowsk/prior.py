@@ -16,6 +16,10 @@ from .nn.builders import ARCHITECTURES, IMAGE_ARCHITECTURES, build_flow
 from .nn.coupling import TRANSFORMS
 
 _CHUNK = 4096
+#: FlowPrior's settings for ``None``: vector (``mlp``) flows are small-data models that overfit
+#: quickly, image flows share their convolution weights over space (benchmarks/density.py).
+_AUTO = {"mlp": {"n_steps": 8, "hidden_features": 128, "learning_rate": 3e-4},
+         "image": {"n_steps": 4, "hidden_features": 32, "learning_rate": 1e-3}}
 
 
 def check_finite_output(values, on_nonfinite, what):
@@ -52,6 +56,10 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
     """
 
     # -- validation -------------------------------------------------------------------------
+    def _setting(self, name):
+        """The value training uses for parameter ``name``."""
+        return getattr(self, name)
+
     def _check_common_params(self):
         if self.image_shape is not None:
             shape = tuple(self.image_shape) if np.ndim(self.image_shape) == 1 else ()
@@ -70,8 +78,9 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(self.verbose, numbers.Integral):
             raise TypeError(f"verbose must be an int, got {self.verbose!r}")
-        if not (_is_real(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be finite and > 0, got {self.learning_rate!r}")
+        learning_rate = self._setting("learning_rate")
+        if not (_is_real(learning_rate) and learning_rate > 0):
+            raise ValueError(f"learning_rate must be finite and > 0, got {learning_rate!r}")
         if not _is_real(self.weight_decay, 0):
             raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay!r}")
         if not (isinstance(self.validation_fraction, numbers.Real)
@@ -211,16 +220,17 @@ class FlowPrior(BaseFlowEstimator):
     coupling : {"affine", "additive", "spline", "robust-spline"}
     n_levels : int
         Multiscale levels (image architectures).
-    n_steps : int
-        Flow steps (per level for image architectures).
-    hidden_features : int
-        Width of the conditioner networks.
+    n_steps : int or None
+        Flow steps (per level for image architectures). None: 8 for ``mlp``, 4 for images.
+    hidden_features : int or None
+        Width of the conditioner networks. None: 128 for ``mlp``, 32 for images.
     data_range : (lo, hi) or None
         Bounded data: a logit layer at the data end keeps samples in range.
     dequantize : float
         Width of uniform noise added to each training batch (0 for continuous data).
     max_epochs, batch_size, learning_rate, weight_decay, validation_fraction, n_iter_no_change
-        The training loop: Adam, early stopping on the validation split.
+        The training loop: Adam with L2 ``weight_decay``, early stopping on the validation
+        split. ``learning_rate`` None: 3e-4 for ``mlp``, 1e-3 for images.
     on_nonfinite : {"raise", "warn"}
         What to do when a generated sample is not finite.
     device : "auto", "cpu", "cuda", ...
@@ -243,8 +253,8 @@ class FlowPrior(BaseFlowEstimator):
     """
 
     def __init__(self, image_shape=None, architecture=None, coupling="affine", n_levels=2,
-                 n_steps=8, hidden_features=128, data_range=None, dequantize=0.0,
-                 max_epochs=200, batch_size=64, learning_rate=1e-3, weight_decay=0.0,
+                 n_steps=None, hidden_features=None, data_range=None, dequantize=0.0,
+                 max_epochs=200, batch_size=64, learning_rate=None, weight_decay=1e-4,
                  validation_fraction=0.1, n_iter_no_change=15, on_nonfinite="raise",
                  device="auto", random_state=None, verbose=0):
         self.image_shape = image_shape
@@ -271,6 +281,12 @@ class FlowPrior(BaseFlowEstimator):
             return "mlp" if self.image_shape is None else "glow"
         return self.architecture
 
+    def _setting(self, name):
+        value = getattr(self, name)
+        if value is None and name in _AUTO["mlp"]:
+            return _AUTO["mlp" if self._architecture() == "mlp" else "image"][name]
+        return value
+
     def _check_params(self):
         self._check_common_params()
         arch = self._architecture()
@@ -283,7 +299,7 @@ class FlowPrior(BaseFlowEstimator):
             raise ValueError(f"coupling must be one of {sorted(TRANSFORMS)}, "
                              f"got {self.coupling!r}")
         for name in ("n_levels", "n_steps", "hidden_features"):
-            value = getattr(self, name)
+            value = self._setting(name)
             if not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not _is_real(self.dequantize, 0):
@@ -299,12 +315,12 @@ class FlowPrior(BaseFlowEstimator):
     def _fit(self, X, rng):
         self.flow_ = build_flow(
             X.shape[1], image_shape=self.image_shape, architecture=self._architecture(),
-            coupling=self.coupling, n_levels=self.n_levels, n_steps=self.n_steps,
-            hidden_features=self.hidden_features, data_range=self.data_range,
+            coupling=self.coupling, n_levels=self.n_levels, n_steps=self._setting("n_steps"),
+            hidden_features=self._setting("hidden_features"), data_range=self.data_range,
             random_state=rng.randint(2**31 - 1)).to(self.device_)
         self.history_, self.best_epoch_ = train(
             self.flow_, self._loss, self._tensor(X), max_epochs=self.max_epochs,
-            batch_size=self.batch_size, learning_rate=self.learning_rate,
+            batch_size=self.batch_size, learning_rate=self._setting("learning_rate"),
             weight_decay=self.weight_decay, validation_fraction=self.validation_fraction,
             n_iter_no_change=self.n_iter_no_change, rng=rng, verbose=self.verbose,
             desc="FlowPrior")
