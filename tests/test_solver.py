@@ -10,7 +10,7 @@ from flowsk import FlowPrior, InverseSolver
 from flowsk.methods import METHODS
 from flowsk.nn.base import Chain, Flow
 from flowsk.nn.linear import ActNorm, InvertibleLinear
-from flowsk.operators import CompressedSensing, Denoising, Inpainting
+from flowsk.operators import CompressedSensing, Denoising, FunctionOperator, Inpainting
 
 N = 6
 
@@ -134,6 +134,18 @@ def test_csgm_restarts_keep_the_best_data_fit(setup):
                           random_state=0).predict(Y)
         fits.append(((X @ A.T - Y) ** 2).sum(1))
     assert np.all(fits[1] <= fits[0] + 1e-6)
+
+
+def test_iterates_leaving_the_finite_range_keep_the_last_good_one(setup):
+    """An operator that is infinite beyond |x| = 2 and data that pull x to 5: the objective
+    turns infinite on the way, and each observation keeps its best finite iterate."""
+    prior = setup[0]
+    op = FunctionOperator(lambda x: torch.where(x.abs() < 2, x, torch.inf), N)
+    Y = np.full((3, N), 5.0)
+    X = InverseSolver(prior, op, method="glowip", n_iter=200, learning_rate=0.1).predict(Y)
+    assert np.isfinite(X).all() and np.abs(X).max() < 2
+    start = prior.inverse_transform(np.zeros((1, N)))
+    assert np.all(((X - 5) ** 2).sum(1) < ((start - 5) ** 2).sum())  # it made progress
 
 
 def test_seeded_predictions_are_reproducible(setup):

@@ -47,11 +47,14 @@ class LatentOptimization(Method):
         raise ValueError(f"init must be 'zeros' or 'normal', got {p['init']!r}")
 
     def optimize(self, problem, Y):
-        """Returns the optimised latents ``(n, d)`` for observations ``Y (n, m)``."""
+        """Returns the optimised latents ``(n, d)`` for observations ``Y (n, m)``: per
+        observation, the iterate with the lowest finite objective (an observation whose
+        iterates leave the flow's finite range keeps its last good one)."""
         p, flow, op = problem.params, problem.flow, problem.operator
         n, restarts = len(Y), p["n_restarts"]
         Yr = Y.repeat(restarts, 1)
         z = self._init(problem, (n * restarts, flow.latent_dim)).requires_grad_(True)
+        best_z, best = z.detach().clone(), torch.full((len(z),), torch.inf, device=z.device)
         opt = torch.optim.Adam([z], lr=p["learning_rate"])
         for _ in tqdm(range(p["n_iter"]), desc=type(self).__name__, leave=False,
                       disable=problem.verbose <= 0):
@@ -59,11 +62,15 @@ class LatentOptimization(Method):
                 x, log_px = flow.generate(z)
             else:
                 x, log_px = flow.inverse(z)[0], None
-            loss = self.objective(problem, x, log_px, z, Yr).sum()
+            objective = self.objective(problem, x, log_px, z, Yr)
+            with torch.no_grad():
+                better = torch.isfinite(objective) & (objective < best)
+                best = torch.where(better, objective, best)
+                best_z = torch.where(better[:, None], z, best_z)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.sum().backward()
             opt.step()
-        z = z.detach()
+        z = best_z
         if restarts > 1:
             with torch.no_grad():
                 fit = _sq(op(flow.inverse(z)[0]) - Yr).view(restarts, n)
