@@ -9,7 +9,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._training import train
 from .nn.coupling import TRANSFORMS
 from .nn.injective import ACTIVATIONS, LOGDET_METHODS, build_injective_flow
-from .prior import BaseFlowEstimator, check_finite_output
+from .prior import BaseFlowEstimator, _is_real, check_finite_output
 
 
 class InjectiveFlowPrior(BaseFlowEstimator):
@@ -73,6 +73,9 @@ class InjectiveFlowPrior(BaseFlowEstimator):
         per sample) and ``mse_train_loss``/``mse_val_loss`` of the MSE phase (squared
         reconstruction error per sample).
     best_epoch_, mse_best_epoch_ : int
+    latent_covariance_ : sklearn.covariance.EmpiricalCovariance
+        Mean and covariance of the training data's latent codes, for
+        :func:`flowsk.metrics.ood_score`.
     device_ : torch.device
     """
 
@@ -115,7 +118,7 @@ class InjectiveFlowPrior(BaseFlowEstimator):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, "
                              f"got {self.activation!r}")
-        if self.coupling not in TRANSFORMS:
+        if not isinstance(self.coupling, str) or self.coupling not in TRANSFORMS:
             raise ValueError(f"coupling must be one of {sorted(TRANSFORMS)}, "
                              f"got {self.coupling!r}")
         for name, low in (("n_steps", 0), ("n_latent_steps", 0), ("hidden_features", 1),
@@ -123,8 +126,9 @@ class InjectiveFlowPrior(BaseFlowEstimator):
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if not (isinstance(self.regularization, numbers.Real) and self.regularization >= 0):
-            raise ValueError(f"regularization must be >= 0, got {self.regularization!r}")
+        if not _is_real(self.regularization, 0):
+            raise ValueError(f"regularization must be finite and >= 0, "
+                             f"got {self.regularization!r}")
         if self.logdet not in LOGDET_METHODS:
             raise ValueError(f"logdet must be one of {LOGDET_METHODS}, got {self.logdet!r}")
 
@@ -191,9 +195,9 @@ class InjectiveFlowPrior(BaseFlowEstimator):
         generator = torch.Generator().manual_seed(
             0 if not isinstance(self.random_state, numbers.Integral) else
             int(self.random_state))
-        return self._map(lambda x: self.flow_.log_prob(
+        return check_finite_output(self._map(lambda x: self.flow_.log_prob(
             x, logdet=self.logdet, n_probes=self.n_probes, n_terms=self.n_terms,
-            generator=generator), X)
+            generator=generator), X), self.on_nonfinite, "log-likelihoods")
 
     def project(self, X):
         """Projection ``G(G^+(x))`` onto the range: ``(n, n_features) -> (n, n_features)``."""

@@ -2,5 +2,7 @@
 from . import latent
 from . import variational
 from . import mcmc
+from . import projection
 
-METHODS = {**latent.METHODS, **variational.METHODS, **mcmc.METHODS}
+METHODS = {**latent.METHODS, **variational.METHODS, **mcmc.METHODS,
+           **projection.METHODS}
