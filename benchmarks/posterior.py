@@ -1,0 +1,133 @@
+"""Posterior benchmark on the five digits tasks of ``benchmarks/inverse.py``.
+
+For each posterior method: PSNR of the MMSE estimate (the mean of the draws), mean PSNR of
+single draws (the gap of Whang et al.'s Figure 4), calibration (fraction of true pixels inside
+the per-pixel 90 % interval of the draws) and seconds per observation; the exact GMM-10 MMSE of
+``benchmarks/inverse.py`` is the reference. ``vi`` picks ``sigma`` by GridSearchCV on the 100
+validation images; the other methods use the task's noise level. ``pl-mcmc`` runs on the first
+20 test images only (it is the slow baseline). The first 100 test digits are used unless
+``--n-test`` says otherwise. Writes results/posterior.json and
+results/posterior.png (truth, measurement, draws, mean, std for vi on inpainting).
+
+    python benchmarks/posterior.py [--quick] [--n-test N]
+"""
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from inverse import RESULTS, dense, digits_gmm, digits_prior, digits_split, gmm_mmse
+from sklearn.model_selection import GridSearchCV
+
+from flowsk import InverseSolver
+from flowsk.__main__ import demo_tasks
+from flowsk.metrics import psnr
+
+METHODS = ("vi", "amortized-vi", "langevin", "ambient-vi", "pl-mcmc")
+N_MCMC = 20
+N_DRAWS = 32
+
+
+def calibration(X, draws, level=0.9):
+    """Fraction of ``X (n, D)`` inside the central ``level`` interval of ``draws (n, k, D)``."""
+    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2], axis=1)
+    return float(np.mean((X >= lo) & (X <= hi)))
+
+
+def solver_for(method, prior, op, noise, X_val, Y_val, quick):
+    """A fitted solver; ``vi``'s sigma comes from GridSearchCV on the validation split."""
+    params = {"n_iter": 30} if quick else {}
+    if method == "vi":
+        grid = {"sigma": sorted({noise, 0.05})}
+        solver = InverseSolver(prior, op, method=method, random_state=0, **params)
+        return GridSearchCV(solver, grid, cv=2).fit(Y_val, X_val).best_estimator_
+    if method == "amortized-vi":
+        params = {"method_params": {"n_iter": 2, "n_simulations": 2000}} if quick else {}
+    if method in ("langevin", "pl-mcmc"):
+        params = {"method_params": {"burn_in": 20}} if quick else {}
+    solver = InverseSolver(prior, op, method=method, sigma=noise, random_state=0,
+                           **params)
+    return solver.fit(Y_val)
+
+
+def figure(X, Y, draws, op, shape, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = min(4, len(X))
+    fig, axes = plt.subplots(rows, 7, figsize=(7 * 1.3, rows * 1.4))
+    measured = np.clip(op.pinv(torch.as_tensor(Y[:rows], dtype=torch.float32)).numpy(), 0, 1)
+    for r in range(rows):
+        panels = [X[r], measured[r], *draws[r, :3], draws[r].mean(0), draws[r].std(0)]
+        titles = ["truth", "A^+ y", "draw 1", "draw 2", "draw 3", "mean", "std"]
+        for ax, img, title in zip(axes[r], panels, titles):
+            ax.imshow(img.reshape(shape[1:]), cmap="gray",
+                      vmin=0, vmax=None if title == "std" else 1)
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--n-test", type=int, default=None, help="test digits (default 100)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    X_fit, X_val, X_test, shape = digits_split()
+    X_test = X_test[:args.n_test or (30 if args.quick else 100)]
+    prior, _ = digits_prior(X_fit, args.quick)
+    gmm = digits_gmm(X_fit)
+    results = {}
+    for task, (op, noise) in demo_tasks(shape).items():
+        Y_val = op.measure(X_val, noise_std=noise, random_state=1)
+        Y = op.measure(X_test, noise_std=noise, random_state=0)
+        gmm_mean = np.clip(gmm_mmse(gmm, dense(op, X_test.shape[1]), noise, Y), 0, 1)
+        row = {"gmm10-mmse": {"psnr": float(psnr(X_test, gmm_mean).mean())}}
+        for method in METHODS:
+            n = N_MCMC if method == "pl-mcmc" else len(X_test)
+            t = time.time()
+            solver = solver_for(method, prior, op, noise, X_val, Y_val, args.quick)
+            fit_seconds = time.time() - t
+            t = time.time()
+            draws = solver.sample_posterior(Y[:n], n_samples=N_DRAWS)
+            seconds = time.time() - t
+            mean = draws.mean(1)
+            row[method] = {
+                "psnr_mmse": float(psnr(X_test[:n], mean).mean()),
+                "psnr_single": float(np.mean([psnr(X_test[:n], draws[:, j]).mean()
+                                              for j in range(N_DRAWS)])),
+                "calibration90": calibration(X_test[:n], draws),
+                "seconds_per_obs": seconds / n, "fit_seconds": fit_seconds, "n_test": n,
+                "sigma": solver.get_params()["sigma"],
+                "gmm10_psnr_same_subset": float(psnr(X_test[:n], gmm_mean[:n]).mean())}
+            if method == "vi" and task == "inpaint":
+                figure(X_test, Y, draws, op, shape, RESULTS / "posterior.png")
+            print(task, method, {k: round(v, 3) if isinstance(v, float) else v
+                                 for k, v in row[method].items()}, flush=True)
+        results[task] = row
+    print(f"\nMMSE PSNR dB / single-draw PSNR / 90 % calibration, {len(X_test)} test digits "
+          f"(pl-mcmc: first {N_MCMC}), {N_DRAWS} draws")
+    print(f"{'task':8s}{'gmm10':>8s}" + "".join(f"{m:>22s}" for m in METHODS))
+    for task, row in results.items():
+        print(f"{task:8s}{row['gmm10-mmse']['psnr']:8.2f}" + "".join(
+            f"{row[m]['psnr_mmse']:9.2f} /{row[m]['psnr_single']:6.2f} /"
+            f"{row[m]['calibration90']:5.2f}" for m in METHODS))
+    per_obs = {m: np.mean([results[t][m]["seconds_per_obs"] for t in results]) for m in METHODS}
+    print(f"{'s/obs':16s}" + "".join(f"{per_obs[m]:22.4f}" for m in METHODS))
+    print(f"amortized-vi speed-up over vi at prediction: "
+          f"{per_obs['vi'] / per_obs['amortized-vi']:.0f}x")
+    out = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "n_test": len(X_test),
+           "n_draws": N_DRAWS, "results": results,
+           "speedup_amortized_over_vi": per_obs["vi"] / per_obs["amortized-vi"]}
+    path = RESULTS / "posterior.json"
+    path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
