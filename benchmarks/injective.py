@@ -1,12 +1,12 @@
 """Injective flow (TRUMPET) on digits: fit time, reconstruction error and inverse problems.
 
-    python benchmarks/injective.py [--quick] [--skip-flow-prior] [--n-test N] [--prior PATH]
+    python benchmarks/injective.py [--quick] [--n-test N] [--prior PATH]
 
 Protocol of ``benchmarks/inverse.py`` (its ``digits_split``, tasks from
 ``flowsk.__main__.demo_tasks``): ``InjectiveFlowPrior(latent_dim=32)`` (default settings,
 ``data_range=(0, 1)``, ``random_state=0``) is fitted on the training split less the 100
-validation images, and for the fit-time comparison so is the benchmarks' ``FlowPrior``
-(``--skip-flow-prior`` skips it). Reported:
+validation images; the fit-time comparison is with the benchmarks' ``FlowPrior``
+(``digits_prior`` of ``benchmarks/inverse.py``, whose fit time is cached with it). Reported:
 
 1. the relative reconstruction error ``||x - G(G^+(x))|| / ||x||`` on the test split
    (required: mean <= 0.15) and both fit times;
@@ -33,10 +33,10 @@ import sklearn
 import torch
 from sklearn.model_selection import GridSearchCV
 
-from flowsk import FlowPrior, InjectiveFlowPrior, InverseSolver
+from flowsk import InjectiveFlowPrior, InverseSolver
 from flowsk.__main__ import demo_tasks
 from flowsk.metrics import psnr, ssim
-from inverse import GRIDS, digits_split
+from inverse import GRIDS, digits_prior, digits_split
 
 REQUIRED_MAX_ERROR = 0.15
 RESULTS = Path(__file__).resolve().parent / "results" / "injective.json"
@@ -98,8 +98,6 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a fast smoke run")
     parser.add_argument("--latent-dim", type=int, default=32)
-    parser.add_argument("--skip-flow-prior", action="store_true",
-                        help="skip fitting FlowPrior (the fit-time baseline)")
     parser.add_argument("--n-test", type=int, default=None,
                         help="use the first N test digits for the inverse problems (default: "
                              "all 450; --quick: 20)")
@@ -133,28 +131,20 @@ def main(argv=None):
               "n_fit": len(X_fit), "n_val": len(X_val), "n_test": len(X_test),
               "injective": inj, "required_max_relative_error": REQUIRED_MAX_ERROR,
               "passes": inj["relative_error_mean"] <= REQUIRED_MAX_ERROR}
-    if args.skip_flow_prior:
-        result["flow_prior"] = "skipped (--skip-flow-prior)"
-    else:
-        flow = FlowPrior(data_range=(0, 1), dequantize=1 / 16, random_state=0, device="cpu",
-                         **epochs)
-        flow_wall, flow_cpu = _timed_fit(flow, X_fit)
-        result["flow_prior"] = {
-            "n_parameters": int(sum(p.numel() for p in flow.flow_.parameters())),
-            "fit_wall_s": flow_wall, "fit_cpu_s": flow_cpu,
-            "epochs": len(flow.history_["val_loss"]), "test_log_likelihood": flow.score(X_test)}
-        if inj_wall:
-            result["fit_time_ratio_flow_prior_over_injective"] = flow_wall / inj_wall
+    flow, flow_wall = digits_prior(X_fit, args.quick)
+    result["flow_prior"] = {
+        "n_parameters": int(sum(p.numel() for p in flow.flow_.parameters())),
+        "fit_wall_s": flow_wall, "epochs": len(flow.history_["val_loss"]),
+        "test_log_likelihood": flow.score(X_test)}
+    if inj_wall:
+        result["fit_time_ratio_flow_prior_over_injective"] = flow_wall / inj_wall
     print(f"{'model':<26}{'fit wall s':>12}{'fit cpu s':>12}{'params':>10}{'rel. error':>12}")
     wall, cpu = ("-", "-") if inj_wall is None else (f"{inj_wall:.1f}", f"{inj_cpu:.1f}")
     print(f"{'InjectiveFlowPrior (d=' + str(inj['latent_dim']) + ')':<26}{wall:>12}{cpu:>12}"
           f"{inj['n_parameters']:>10d}{inj['relative_error_mean']:>12.4f}")
-    if isinstance(result["flow_prior"], dict):
-        fp = result["flow_prior"]
-        print(f"{'FlowPrior':<26}{fp['fit_wall_s']:>12.1f}{fp['fit_cpu_s']:>12.1f}"
-              f"{fp['n_parameters']:>10d}{'-':>12}")
-    else:
-        print(f"FlowPrior: {result['flow_prior']}")
+    fp = result["flow_prior"]
+    print(f"{'FlowPrior':<26}{fp['fit_wall_s']:>12.1f}{'-':>12}{fp['n_parameters']:>10d}"
+          f"{'-':>12}")
     print(f"relative reconstruction error on the test split: mean "
           f"{inj['relative_error_mean']:.4f}, median {inj['relative_error_median']:.4f}, max "
           f"{inj['relative_error_max']:.4f} (required mean <= {REQUIRED_MAX_ERROR}: "

@@ -16,6 +16,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import flowsk._training
 from flowsk import FlowPrior
+from flowsk.prior import dequantize
 from flowsk.datasets import load_digit_images
 from flowsk.nn.linear import ActNorm
 
@@ -245,6 +246,39 @@ def test_no_validation_split_uses_training_loss():
     X = correlated(30, seed=6)
     prior = small(validation_fraction=0.0, max_epochs=3).fit(X)
     assert prior.history_["val_loss"] == prior.history_["train_loss"]
+
+
+def test_dequantize_noise_is_centred_and_reflected_inside_the_range():
+    torch.manual_seed(0)
+    X = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64).repeat(20000, 1)
+    D = dequantize(X, 0.1, (0.0, 1.0))
+    assert D.min() >= 0 and D.max() <= 1
+    # interior: uniform on [0.45, 0.55]; bounds: reflected, |U| on [0, 0.05] with no point mass
+    assert D[:, 1].min() >= 0.45 and D[:, 1].max() <= 0.55
+    assert D[:, 1].mean().item() == pytest.approx(0.5, abs=1e-3)
+    assert D[:, 0].max() <= 0.05 and D[:, 0].mean().item() == pytest.approx(0.025, abs=1e-3)
+    assert D[:, 2].min() >= 0.95 and D[:, 2].mean().item() == pytest.approx(0.975, abs=1e-3)
+    assert (D[:, 0] == 0).float().mean() < 1e-3 and (D[:, 2] == 1).float().mean() < 1e-3
+
+
+def test_dequantized_validation_loss_measures_the_training_objective(monkeypatch):
+    """With ``dequantize``, the validation loss is taken on dequantized data like the training
+    loss: the best one in ``history_`` is a draw of the fitted model's loss on the dequantized
+    validation split, not its loss on the raw (lattice) values."""
+    splits = []
+    real_split = flowsk._training._split
+    monkeypatch.setattr(flowsk._training, "_split",
+                        lambda *args: splits.append(real_split(*args)) or splits[-1])
+    X, _ = load_digit_images()
+    prior = small(data_range=(0, 1), dequantize=1 / 16, max_epochs=4,
+                  validation_fraction=0.5).fit(X[:80])
+    (_, val_idx), = splits
+    X_val = torch.as_tensor(X[val_idx])
+    best = prior.history_["val_loss"][prior.best_epoch_]
+    torch.manual_seed(1)
+    draws = [-prior.score(dequantize(X_val, 1 / 16, (0, 1)).numpy()) for _ in range(30)]
+    assert abs(np.mean(draws) - best) < 4 * np.std(draws)
+    assert abs(-prior.score(X[val_idx]) - best) > 4 * np.std(draws)
 
 
 def test_verbose_logs_epochs(capsys):

@@ -148,6 +148,17 @@ def test_iterates_leaving_the_finite_range_keep_the_last_good_one(setup):
     assert np.all(((X - 5) ** 2).sum(1) < ((start - 5) ** 2).sum())  # it made progress
 
 
+def test_restarts_that_never_leave_the_non_finite_range_do_not_win(setup):
+    """Restarts starting where the objective is NaN (the operator is NaN beyond |x| = 2) keep
+    a NaN data fit; the best restart per observation is still a finite one."""
+    prior = setup[0]
+    op = FunctionOperator(lambda x: torch.where(x.abs() < 2, x, torch.nan), N)
+    Y = np.zeros((10, N))
+    X = InverseSolver(prior, op, method="csgm", gamma=0.0, init_std=1.0, n_restarts=6,
+                      n_iter=50, random_state=0).predict(Y)
+    assert np.isfinite(X).all() and np.abs(X).max() < 2
+
+
 def test_seeded_predictions_are_reproducible(setup):
     prior, op, _, Y = setup
     s = InverseSolver(prior, op, method="csgm", n_iter=20, random_state=5)

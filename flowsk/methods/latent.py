@@ -74,6 +74,9 @@ class LatentOptimization(Method):
         if restarts > 1:
             with torch.no_grad():
                 fit = _sq(op(flow.inverse(z)[0]) - Yr).view(restarts, n)
+                # a restart that never left the flow's non-finite range must not win (argmin
+                # would pick its NaN)
+                fit = torch.where(torch.isfinite(fit), fit, torch.inf)
                 z = z.view(restarts, n, -1)[fit.argmin(0), torch.arange(n)]
         return z
 
