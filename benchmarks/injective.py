@@ -31,12 +31,12 @@ import joblib
 import numpy as np
 import sklearn
 import torch
+from inverse import GRIDS, digits_prior, digits_split
 from sklearn.model_selection import GridSearchCV
 
 from flowsk import InjectiveFlowPrior, InverseSolver
 from flowsk.__main__ import demo_tasks
 from flowsk.metrics import psnr, ssim
-from inverse import GRIDS, digits_prior, digits_split
 
 REQUIRED_MAX_ERROR = 0.15
 RESULTS = Path(__file__).resolve().parent / "results" / "injective.json"

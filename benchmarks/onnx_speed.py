@@ -2,8 +2,8 @@
 
 Two priors are fitted on 512 of the embedded digits (speed does not depend on training, so
 one epoch by default): the default architecture for vector data (``mlp``) and for
-``image_shape=(1, 8, 8)`` (``glow``), both with ``data_range=(0, 1)``. Their decoders (z -> x) are exported with
-``exporters.to_onnx`` and timed
+``image_shape=(1, 8, 8)`` (``glow``), both with ``data_range=(0, 1)``. Their decoders (z -> x)
+are exported with ``exporters.to_onnx`` and timed
 
 - at batch 1: latency, the median of many calls;
 - at batch 256: throughput, samples per second from the median call.

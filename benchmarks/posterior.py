@@ -72,6 +72,14 @@ def figure(X, Y, draws, op, shape, path):
     plt.close(fig)
 
 
+def save(results, quick, n_test, per_obs=None):
+    out = {"date": time.strftime("%Y-%m-%d"), "quick": quick, "n_test": n_test,
+           "n_draws": N_DRAWS, "results": results}
+    if per_obs is not None:
+        out["speedup_amortized_over_vi"] = per_obs["vi"] / per_obs["amortized-vi"]
+    (RESULTS / "posterior.json").write_text(json.dumps(out, indent=2))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -110,6 +118,7 @@ def main():
             print(task, method, {k: round(v, 3) if isinstance(v, float) else v
                                  for k, v in row[method].items()}, flush=True)
         results[task] = row
+        save(results, args.quick, len(X_test))  # an interrupted run keeps the tasks done
     print(f"\nMMSE PSNR dB / single-draw PSNR / 90 % calibration, {len(X_test)} test digits "
           f"(pl-mcmc: first {N_MCMC}), {N_DRAWS} draws")
     print(f"{'task':8s}{'gmm10':>8s}" + "".join(f"{m:>22s}" for m in METHODS))
@@ -121,12 +130,8 @@ def main():
     print(f"{'s/obs':16s}" + "".join(f"{per_obs[m]:22.4f}" for m in METHODS))
     print(f"amortized-vi speed-up over vi at prediction: "
           f"{per_obs['vi'] / per_obs['amortized-vi']:.0f}x")
-    out = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "n_test": len(X_test),
-           "n_draws": N_DRAWS, "results": results,
-           "speedup_amortized_over_vi": per_obs["vi"] / per_obs["amortized-vi"]}
-    path = RESULTS / "posterior.json"
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path}")
+    save(results, args.quick, len(X_test), per_obs)
+    print(f"wrote {RESULTS / 'posterior.json'}")
 
 
 if __name__ == "__main__":

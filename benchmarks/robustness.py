@@ -8,8 +8,9 @@ q(z | y) are fitted; 10 posterior draws are taken for in-distribution y and for 
 encoder features g(y), and the variance of the features after each layer of the sampling pass
 (conditional flow from eps to z, then the prior from z to x).
 
-Part 2, digits: an mlp FlowPrior per coupling (4 steps, 8 epochs); %Inf and the share of samples far outside
-[0, 1] (beyond [-1, 2]) for latents at temperature 1, 2, 4; and held-out digits, photo patches
+Part 2, digits: an mlp FlowPrior per coupling (4 steps, 8 epochs); %Inf and the share of
+samples far outside [0, 1] (beyond [-1, 2]) for latents at temperature 1, 2, 4; and held-out
+digits, photo patches
 (flowsk.datasets.load_image_patches) and uniform noise pushed through transform /
 inverse_transform: median OOD score of the latent codes, %Inf of the round trip, and its
 largest error.

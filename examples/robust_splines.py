@@ -7,7 +7,8 @@ figure shows the training data and both sets of draws, draws outside [-1, 1]^2 p
 (as pixel values are clipped), with the share outside, %Inf and the median OOD score in each
 title. Writes robust_splines.png.
 
-    python examples/robust_splines.py [--quick] [--out DIR]    (default DIR: example_output/robust_splines)
+    python examples/robust_splines.py [--quick] [--out DIR]
+    (default DIR: example_output/robust_splines)
 """
 import argparse
 from pathlib import Path

@@ -456,7 +456,8 @@ def check_onnx(path, estimator, n_samples=64, providers=None, random_state=0):
 
     The part comes from the file's metadata; inputs are drawn for it (a standard normal latent
     for ``decoder``, samples of ``estimator`` for ``encoder``, ``log_prob`` and ``projector``,
-    so they lie in ``data_range``; measurements of prior samples for ``posterior_sampler``). PyTorch runs a CPU float32 copy of the estimator's model.
+    so they lie in ``data_range``; measurements of prior samples for ``posterior_sampler``).
+    PyTorch runs a CPU float32 copy of the estimator's model.
 
     Parameters
     ----------

@@ -90,7 +90,8 @@ def train(module, loss_fn, data, *, max_epochs, batch_size, learning_rate, weigh
             if cuts > _MAX_LR_CUTS:
                 warnings.warn(f"training diverged (non-finite loss or weights) at epoch {epoch}"
                               f"; stopped and kept the best weights (epoch {best_epoch}). "
-                              "Try a lower learning_rate.", ConvergenceWarning)
+                              "Try a lower learning_rate.", ConvergenceWarning,
+                              stacklevel=4)  # train <- _fit / method.fit <- fit <- caller
                 break
             for group in opt.param_groups:
                 group["lr"] /= 2

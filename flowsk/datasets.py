@@ -3,7 +3,8 @@ mixing toy."""
 import numbers
 
 import numpy as np
-from skimage import color, data as skdata
+from skimage import color
+from skimage import data as skdata
 from sklearn.datasets import load_digits, load_sample_images
 from sklearn.utils import check_random_state
 
@@ -40,7 +41,8 @@ def load_image_patches(size=8, n_patches=2000, color=False, images=None, random_
 
     ``images``: list of ``(H, W)`` / ``(H, W, 3)`` arrays in [0, 1] to cut from instead
     (default: scikit-image's and scikit-learn's sample photographs). Returns
-    ``(X, image_shape)`` with ``X`` of shape ``(n_patches, C * size * size)``, C-order ``(C, H, W)``.
+    ``(X, image_shape)`` with ``X`` of shape ``(n_patches, C * size * size)``, C-order
+    ``(C, H, W)``.
     """
     if not isinstance(size, (int, np.integer)) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")

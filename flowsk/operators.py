@@ -245,7 +245,8 @@ class Blur(Operator):
             if H * W > _MAX_BLUR_PINV_PIXELS:
                 raise ValueError(
                     f"Blur.pinv materialises an (H*W, H*W) matrix, limited to H*W <= "
-                    f"{_MAX_BLUR_PINV_PIXELS}; got {H}x{W}. Use smaller images or an iterative solver."
+                    f"{_MAX_BLUR_PINV_PIXELS}; got {H}x{W}. Use smaller images or an iterative "
+                    "solver."
                 )
             eye = torch.eye(H * W, dtype=torch.float64, device=self.kernel.device)
             self.channel_pinv = _pinv(self.forward(eye).T)
@@ -304,7 +305,8 @@ class RandomMask(Inpainting):
     def __init__(self, image_shape, p, random_state=None):
         C, H, W = _image_shape(image_shape)
         if not 0 <= p < 1:
-            raise ValueError(f"p is the probability that a pixel is missing and must be in [0, 1), got {p}.")
+            raise ValueError(f"p is the probability that a pixel is missing and must be in "
+                             f"[0, 1), got {p}.")
         observed = check_random_state(random_state).random_sample((H, W)) >= p
         super().__init__((C, H, W), mask=observed)
         self.p = p
@@ -458,7 +460,8 @@ class LimitedAngleTomography(MatrixOperator):
             angles = np.linspace(30.0, 150.0, operator.index(angles))
         angles = np.asarray(angles, dtype=np.float64)
         if angles.ndim != 1 or angles.size == 0 or not np.isfinite(angles).all():
-            raise ValueError(f"angles must be a positive int or a non-empty 1-D array of degrees, got {angles!r}.")
+            raise ValueError(f"angles must be a positive int or a non-empty 1-D array of "
+                             f"degrees, got {angles!r}.")
         n_detectors = int(np.ceil(np.sqrt(2) * max(H, W)))
         super().__init__(_radon_matrix(H, W, angles, n_detectors), (C, H, W))
         self.angles = angles
@@ -486,7 +489,8 @@ class FunctionOperator(Operator):
         with torch.no_grad():
             matrix = fn(torch.eye(n, **options)).T if linear else None
             if output_dim is None:
-                output_dim = matrix.shape[0] if linear else fn(torch.zeros(1, n, **options)).shape[-1]
+                output_dim = (matrix.shape[0] if linear
+                              else fn(torch.zeros(1, n, **options)).shape[-1])
         super().__init__(shape, output_dim)
         if linear and matrix.shape[0] != self.output_dim:
             raise ValueError(f"fn returns {matrix.shape[0]} outputs but output_dim={output_dim}.")

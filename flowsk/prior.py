@@ -31,7 +31,8 @@ def check_finite_output(values, on_nonfinite, what):
                "for these inputs (try coupling='robust-spline' or a lower temperature)")
         if on_nonfinite == "raise":
             raise FloatingPointError(msg)
-        warnings.warn(msg, RuntimeWarning)
+        # helper -> public method -> the caller of that method
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
     return values
 
 

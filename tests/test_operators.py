@@ -172,14 +172,16 @@ def test_blur_mean_filter_matches_uniform_filter():
     X = np.random.default_rng(4).standard_normal((3, 2, 7, 6))
     op = Blur((2, 7, 6), kernel=3)
     expected = uniform_filter(X, size=(1, 1, 3, 3), mode="constant")
-    np.testing.assert_allclose(op(t64(X.reshape(3, -1))).numpy(), expected.reshape(3, -1), atol=1e-12)
+    np.testing.assert_allclose(op(t64(X.reshape(3, -1))).numpy(), expected.reshape(3, -1),
+                               atol=1e-12)
 
 
 def test_blur_kernel_is_a_true_convolution():
     X = np.random.default_rng(5).standard_normal((2, 3, 6, 7))
     op = Blur((3, 6, 7), kernel=KERNEL)
     expected = blur_reference(X, KERNEL)
-    np.testing.assert_allclose(op(t64(X.reshape(2, -1))).numpy(), expected.reshape(2, -1), atol=1e-12)
+    np.testing.assert_allclose(op(t64(X.reshape(2, -1))).numpy(), expected.reshape(2, -1),
+                               atol=1e-12)
 
 
 @pytest.mark.parametrize("kernel", [2, 0, np.ones((2, 3)), np.ones(3)])
@@ -247,7 +249,8 @@ def test_random_mask_reproducible_and_rate():
 def test_colorization_is_channel_mean():
     X = np.random.default_rng(9).standard_normal((3, 3, 4, 5))
     op = Colorization((3, 4, 5))
-    np.testing.assert_allclose(op(t64(X.reshape(3, -1))).numpy(), X.mean(axis=1).reshape(3, -1), atol=1e-12)
+    np.testing.assert_allclose(op(t64(X.reshape(3, -1))).numpy(), X.mean(axis=1).reshape(3, -1),
+                               atol=1e-12)
     with pytest.raises(ValueError, match="3-channel"):
         Colorization((4, 5))
 
@@ -256,9 +259,11 @@ def test_super_resolution_is_block_mean_and_pinv_upsamples():
     X = np.random.default_rng(10).standard_normal((2, 3, 6, 9))
     op = SuperResolution((3, 6, 9), factor=3)
     expected = X.reshape(2, 3, 2, 3, 3, 3).mean(axis=(3, 5))
-    np.testing.assert_allclose(op(t64(X.reshape(2, -1))).numpy(), expected.reshape(2, -1), atol=1e-12)
+    np.testing.assert_allclose(op(t64(X.reshape(2, -1))).numpy(), expected.reshape(2, -1),
+                               atol=1e-12)
     up = np.repeat(np.repeat(expected, 3, axis=2), 3, axis=3)
-    np.testing.assert_allclose(op.pinv(t64(expected.reshape(2, -1))).numpy(), up.reshape(2, -1), atol=1e-12)
+    np.testing.assert_allclose(op.pinv(t64(expected.reshape(2, -1))).numpy(), up.reshape(2, -1),
+                               atol=1e-12)
     with pytest.raises(ValueError, match="dividing"):
         SuperResolution((3, 6, 8), factor=3)
 
@@ -287,7 +292,8 @@ def test_tomography_conserves_mass():
     assert op.output_dim == 30 * op.n_detectors
     X = np.random.default_rng(11).random((3, 63))
     sinogram = op(t64(X)).numpy().reshape(3, 30, op.n_detectors)
-    np.testing.assert_allclose(sinogram.sum(-1), np.repeat(X.sum(1, keepdims=True), 30, 1), rtol=1e-10)
+    np.testing.assert_allclose(sinogram.sum(-1), np.repeat(X.sum(1, keepdims=True), 30, 1),
+                               rtol=1e-10)
 
 
 def test_tomography_axis_aligned_views():
@@ -371,7 +377,8 @@ def test_measure_shape_dtype_and_noiseless_values():
     X = np.random.default_rng(18).standard_normal((5, 16))
     Y = op.measure(X)
     assert Y.shape == (5, 4) and Y.dtype == np.float64
-    np.testing.assert_allclose(Y, X.reshape(5, 2, 2, 2, 2).mean(axis=(2, 4)).reshape(5, 4), atol=1e-12)
+    np.testing.assert_allclose(Y, X.reshape(5, 2, 2, 2, 2).mean(axis=(2, 4)).reshape(5, 4),
+                               atol=1e-12)
     assert op.measure(X.astype(np.float32)).dtype == np.float32
 
 

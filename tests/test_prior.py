@@ -16,9 +16,9 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import flowsk._training
 from flowsk import FlowPrior
-from flowsk.prior import dequantize
 from flowsk.datasets import load_digit_images
 from flowsk.nn.linear import ActNorm
+from flowsk.prior import dequantize
 
 SMALL = {"max_epochs": 2, "n_steps": 1, "hidden_features": 8, "batch_size": 32,
          "random_state": 0, "device": "cpu"}

@@ -56,7 +56,8 @@ def test_map_matches_gaussian_posterior_mean(setup):
     mu, L = affine_generator(prior)
     sigma = 0.5
     prec = np.linalg.inv(L @ L.T) + A.T @ A / sigma**2
-    expected = np.linalg.solve(prec, (np.linalg.inv(L @ L.T) @ mu)[:, None] + A.T @ Y.T / sigma**2).T
+    expected = np.linalg.solve(prec,
+                               (np.linalg.inv(L @ L.T) @ mu)[:, None] + A.T @ Y.T / sigma**2).T
     solver = InverseSolver(prior, op, method="map", sigma=sigma, beta=1.0, n_iter=1500,
                            learning_rate=0.02, random_state=0)
     np.testing.assert_allclose(solver.predict(Y), expected, atol=2e-3)

@@ -59,7 +59,8 @@ def test_n_params():
 # checked on moderately curved splines.
 @pytest.mark.parametrize("fn,K", SPLINES)
 @pytest.mark.parametrize(
-    "dtype,scale,tol", [(torch.float64, 2.0, 1e-10), (torch.float32, 0.5, 1e-5)], ids=["float64", "float32"]
+    "dtype,scale,tol", [(torch.float64, 2.0, 1e-10), (torch.float32, 0.5, 1e-5)],
+    ids=["float64", "float32"],
 )
 def test_round_trip(fn, K, dtype, scale, tol):
     x, params = _inputs(K, shape=(20, 30), scale=scale, dtype=dtype)
@@ -164,7 +165,8 @@ def test_robust_inverse_is_bounded(dtype, param_scale):
         [
             torch.tensor([-1e6, 1e6, -1e3, 1e3, 0.0], dtype=dtype),
             1e6 * torch.randn(995, generator=g, dtype=dtype),
-            t[1000:] + BOUND * (2 * torch.rand(1000, generator=g, dtype=dtype) - 1),  # inside the box
+            # inside the box
+            t[1000:] + BOUND * (2 * torch.rand(1000, generator=g, dtype=dtype) - 1),
         ]
     )
     x, lad = robust_rational_quadratic(y, params, inverse=True)
@@ -294,7 +296,8 @@ def test_onnx_export_matches_torch():
     def make(batch, seed):
         g = torch.Generator().manual_seed(seed)
         x = 2 * BOUND * torch.randn(batch, 4, generator=g)
-        return (x, 0.5 * torch.randn(batch, 4, n_params(K), generator=g), 0.5 * torch.randn(batch, 4, 6, generator=g))
+        return (x, 0.5 * torch.randn(batch, 4, n_params(K), generator=g),
+                0.5 * torch.randn(batch, 4, 6, generator=g))
 
     names = ["x", "p_rq", "p_robust"]
     buf = io.BytesIO()

@@ -7,7 +7,6 @@ vector that only conditional couplings read.
 """
 import math
 
-import torch
 from torch import nn
 
 

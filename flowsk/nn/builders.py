@@ -49,7 +49,7 @@ def level_shapes(image_shape, n_levels):
     """Shapes ``(C, H, W)`` seen by each level of a multiscale flow."""
     c, h, w = image_shape
     shapes = []
-    for i in range(n_levels):
+    for _ in range(n_levels):
         if h % 2 or w % 2:
             raise ValueError(f"image_shape {tuple(image_shape)} cannot be squeezed {n_levels} "
                              f"times: height and width must be divisible by 2**n_levels")

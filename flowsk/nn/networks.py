@@ -1,4 +1,7 @@
-"""Conditioner networks. Each ends in a zero-initialised layer, so a new coupling is the identity."""
+"""Conditioner networks.
+
+Each ends in a zero-initialised layer, so a new coupling is the identity.
+"""
 import torch
 from torch import nn
 

@@ -34,14 +34,18 @@ def _knots(unnormalized, bound, min_size):
     cum = torch.cumsum(sizes, dim=-1)
     edge = cum[..., :1]
     knots = torch.cat(
-        [torch.full_like(edge, -bound), 2.0 * bound * cum[..., :-1] - bound, torch.full_like(edge, bound)],
+        [torch.full_like(edge, -bound), 2.0 * bound * cum[..., :-1] - bound,
+         torch.full_like(edge, bound)],
         dim=-1,
     )
     return knots, knots[..., 1:] - knots[..., :-1]
 
 
 def _select(t, idx):
-    """``t[..., idx]`` for a per-element bin index ``idx`` of shape ``(..., 1)``: returns ``(...)``."""
+    """``t[..., idx]`` for a per-element bin index ``idx`` of shape ``(..., 1)``.
+
+    Returns ``(...)``.
+    """
     return torch.gather(t, -1, idx)[..., 0]
 
 
@@ -70,7 +74,8 @@ def rational_quadratic(
         or with ``inverse=True`` ``y = c^{-1}(x)`` and ``log|dc^{-1}/dx|``.
     """
     if params.shape[:-1] != x.shape:
-        raise ValueError(f"params batch shape {tuple(params.shape[:-1])} != input shape {tuple(x.shape)}")
+        raise ValueError(f"params batch shape {tuple(params.shape[:-1])} != input shape "
+                         f"{tuple(x.shape)}")
     num_bins = (params.shape[-1] + 1) // 3
     if num_bins < 1 or params.shape[-1] != n_params(num_bins):
         raise ValueError(f"params last dimension must be 3K - 1, got {params.shape[-1]}")
@@ -113,7 +118,8 @@ def rational_quadratic(
 
     t1mt = theta * (1.0 - theta)
     denom = s_k + curv * t1mt
-    deriv_num = s_k * s_k * (d_k1 * theta * theta + 2.0 * s_k * t1mt + d_k * (1.0 - theta) * (1.0 - theta))
+    deriv_num = s_k * s_k * (d_k1 * theta * theta + 2.0 * s_k * t1mt
+                             + d_k * (1.0 - theta) * (1.0 - theta))
     lad = torch.log(deriv_num) - 2.0 * torch.log(denom)
     if inverse:
         lad = -lad
