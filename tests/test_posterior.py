@@ -9,7 +9,7 @@ from flowsk import FlowPrior, InverseSolver
 from flowsk.methods import METHODS
 from flowsk.nn.base import Chain, Flow
 from flowsk.nn.linear import ActNorm, InvertibleLinear
-from flowsk.operators import CompressedSensing, Inpainting
+from flowsk.operators import CompressedSensing, FunctionOperator, Inpainting
 
 N = 6
 POSTERIOR = ("vi", "ambient-vi", "amortized-vi", "langevin", "pl-mcmc")
@@ -100,6 +100,23 @@ def test_vi_beta_below_one_gives_a_colder_posterior(setup):
     _, cold = InverseSolver(prior, op, beta=0.25, **kw).predict(Y, return_std=True)
     # for a Gaussian, beta scales the posterior covariance: std shrinks by sqrt(beta)
     np.testing.assert_allclose(cold / warm, 0.5, rtol=0.15)
+
+
+def test_vi_draws_leaving_the_finite_range_do_not_spoil_the_batch():
+    """The operator is the identity for |x| < 1.5 and NaN beyond, with NaN gradients (as a
+    flow that overflows): Monte Carlo draws of an observation near that edge give a NaN loss.
+    That observation skips those steps; no pre-generator turns NaN, and the observation well
+    inside still gets its exact posterior mean."""
+    prior = gaussian_prior()
+    op = FunctionOperator(lambda x: x + 0 * torch.log(1.5 - x.abs()), N)
+    mu = prior.inverse_transform(np.zeros((1, N)))[0]
+    Y = np.stack([mu, np.full(N, 1.4)])
+    sigma = 0.2
+    mean = InverseSolver(prior, op, method="vi", sigma=sigma, n_iter=300,
+                         method_params={"n_samples": 1000}, random_state=0).predict(Y)
+    assert np.isfinite(mean).all()
+    expected, _ = exact_posterior(prior, np.eye(N), Y[:1], sigma)
+    np.testing.assert_allclose(mean[0], expected[0], atol=0.05)
 
 
 @pytest.mark.parametrize("method", ["vi", "langevin"])

@@ -157,6 +157,7 @@ class VI(Method):
         return 0.5 * _sq(z), x
 
     def _loss(self, problem, q, Y, k):
+        """The negative ELBO per observation ``(n,)``, from ``k`` draws each."""
         p = problem.params
         n, d = len(Y), self._dim(problem)
         z, log_q = q(problem.randn(n, k, d))
@@ -164,7 +165,7 @@ class VI(Method):
             log_q = q.log_prob(z)
         nlp, x = self._negative_log_prior(problem, z.reshape(n * k, d))
         fit = _sq(problem.operator(x).view(n, k, -1) - Y[:, None]) / (2 * p["sigma"] ** 2)
-        return (p["beta"] * log_q + nlp.view(n, k) + fit).mean(1).sum()
+        return (p["beta"] * log_q + nlp.view(n, k) + fit).mean(1)
 
     def fit_q(self, problem, Y):
         p = problem.params
@@ -181,7 +182,11 @@ class VI(Method):
                       disable=problem.verbose <= 0):
             loss = self._loss(problem, q, Y, p["mc_samples"])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # an observation whose Monte Carlo draws left the flow's finite range skips this
+            # step (its gradient is zeroed) instead of turning its pre-generator into NaN
+            torch.where(torch.isfinite(loss), loss, 0.0).sum().backward()
+            for param in q.parameters():
+                param.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             opt.step()
             sched.step()
         return q.requires_grad_(False)
