@@ -119,6 +119,18 @@ def test_vi_draws_leaving_the_finite_range_do_not_spoil_the_batch():
     np.testing.assert_allclose(mean[0], expected[0], atol=0.05)
 
 
+def test_amortized_vi_drops_simulations_that_overflow():
+    """Simulated measurements beyond the operator's finite range (NaN beyond |x| = 1.5) are
+    dropped with a warning giving their count; the rest train a finite model."""
+    prior = gaussian_prior()
+    op = FunctionOperator(lambda x: x + 0 * torch.log(1.5 - x.abs()), N)
+    solver = _solver(prior, op, "amortized-vi", QUICK, sigma=0.1, random_state=0)
+    with pytest.warns(RuntimeWarning, match=r"dropped \d+ of 200 simulated"):
+        solver.fit(np.zeros((1, N)))
+    mean, std = solver.predict(np.zeros((3, N)), return_std=True)
+    assert np.isfinite(mean).all() and np.isfinite(std).all()
+
+
 @pytest.mark.parametrize("method", ["vi", "langevin"])
 def test_inpainting_is_uncertain_in_the_missing_box(method):
     prior = gaussian_prior(16, seed=3)

@@ -28,6 +28,7 @@ minimised by Adam with the reparametrisation trick (``mc_samples`` draws per ste
   for :func:`flowsk.metrics.ood_score`.
 """
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -334,6 +335,13 @@ class AmortizedVI(Method):
                     xs.append(z)
                     ys.append(op(x) + p["sigma"] * problem.randn(b, op.output_dim))
                 Z, Yt = torch.cat(xs), torch.cat(ys)
+                finite = torch.isfinite(Yt).all(1)
+                if not finite.all():  # the prior overflowed: learn from the pairs it can make
+                    warnings.warn(f"amortized-vi: dropped {int((~finite).sum())} of {len(Yt)} "
+                                  "simulated measurements that are not finite (the prior's "
+                                  "generator overflows on those latents)", RuntimeWarning,
+                                  stacklevel=4)
+                    Z, Yt = Z[finite], Yt[finite]
             else:
                 Xt = torch.as_tensor(np.asarray(X, np.float32), device=device)
                 Z = torch.cat([flow(Xt[s:s + 4096])[0] for s in range(0, len(Xt), 4096)])
