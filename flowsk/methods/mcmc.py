@@ -9,9 +9,10 @@ one batch. Chains start from prior draws, run ``burn_in`` steps, then keep every
 state; ``sample`` returns ``G`` of the kept states.
 
 - ``langevin``: unadjusted Langevin, ``z <- z + step_size * grad log p(z | y)
-  + sqrt(2 step_size) * noise``. It has no accept/reject step, so ``step_size`` must be small
-  against the posterior's smallest latent variance (its stationary variance is inflated by
-  about ``1 / (1 - step_size / (2 s^2))`` for a Gaussian of std ``s``).
+  + sqrt(2 step_size) * noise``. It has no accept/reject step, so ``step_size`` (default
+  ``0.1 sigma^2``) must be small against the posterior's smallest latent variance (its
+  stationary variance is inflated by about ``1 / (1 - step_size / (2 s^2))`` for a Gaussian
+  of std ``s``).
 - ``pl-mcmc``: random-walk Metropolis-Hastings with Gaussian proposals of std ``step_size``
   on the same density (the slow baseline of Cannella et al.); exact at stationarity.
 """
@@ -31,7 +32,7 @@ def _check_int(name, value, low):
 
 class LatentMCMC(Method):
     posterior = True
-    defaults = {"sigma": 0.1, "n_samples": 32, "step_size": 1e-3, "burn_in": 500, "thin": 5,
+    defaults = {"sigma": 0.1, "n_samples": 32, "step_size": None, "burn_in": 500, "thin": 5,
                 "n_chains": 4}
 
     def log_posterior(self, problem, z, y):
@@ -45,6 +46,8 @@ class LatentMCMC(Method):
     def sample(self, problem, Y, n_samples):
         p = problem.params
         step_size = p["step_size"]
+        if step_size is None:  # langevin: stable against the likelihood's curvature 1 / sigma^2
+            step_size = 0.1 * p["sigma"] ** 2
         if not (isinstance(step_size, (int, float)) and math.isfinite(step_size)
                 and step_size > 0):
             raise ValueError(f"step_size must be > 0, got {step_size!r}")
@@ -55,7 +58,7 @@ class LatentMCMC(Method):
         per_chain = -(-n_samples // c)
         y = Y.repeat_interleave(c, 0)
         z = problem.randn(n * c, d)
-        state = {}
+        state = {"step_size": step_size}
         kept = []
         total = p["burn_in"] + per_chain * p["thin"]
         for t in tqdm(range(1, total + 1), desc=type(self).__name__, leave=False,
@@ -70,7 +73,7 @@ class LatentMCMC(Method):
 
 class Langevin(LatentMCMC):
     def step(self, problem, z, y, state):
-        eps = problem.params["step_size"]
+        eps = state["step_size"]
         z = z.detach().requires_grad_(True)
         grad, = torch.autograd.grad(self.log_posterior(problem, z, y).sum(), z)
         return (z + eps * grad + math.sqrt(2 * eps) * problem.randn(*z.shape)).detach()
@@ -83,7 +86,7 @@ class PLMCMC(LatentMCMC):
     def step(self, problem, z, y, state):
         if "log_p" not in state:
             state["log_p"] = self.log_posterior(problem, z, y)
-        proposal = z + problem.params["step_size"] * problem.randn(*z.shape)
+        proposal = z + state["step_size"] * problem.randn(*z.shape)
         log_p = self.log_posterior(problem, proposal, y)
         u = torch.rand(len(z), generator=problem.generator, device=z.device)
         accept = torch.log(u) < log_p - state["log_p"]
