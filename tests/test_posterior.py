@@ -119,6 +119,30 @@ def test_vi_draws_leaving_the_finite_range_do_not_spoil_the_batch():
     np.testing.assert_allclose(mean[0], expected[0], atol=0.05)
 
 
+class _NaNBeyondEdge(torch.nn.Module):
+    """Identity with a generator that is NaN where any latent |z_i| >= 1.5 (an overflow)."""
+
+    def forward(self, x, context=None):
+        return x, x.new_zeros(len(x))
+
+    def inverse(self, z, context=None):
+        return z + 0 * torch.log(1.5 - z.abs()), z.new_zeros(len(z))
+
+
+def test_vi_redraws_draws_the_generator_cannot_make():
+    """Part of q lies beyond the generator's finite range (|z_i| < 1.5); those draws are
+    redrawn, so ``sample_posterior`` returns finite draws of latents inside the range."""
+    prior = gaussian_prior()
+    prior.flow_.body.layers.append(_NaNBeyondEdge())
+    op = CompressedSensing(N, 4, random_state=0)
+    Y = op.measure(prior.inverse_transform(np.full((2, N), 0.5)), noise_std=0.0)
+    draws = InverseSolver(prior, op, method="vi", sigma=0.5, n_iter=50,
+                          random_state=0).sample_posterior(Y, n_samples=200)
+    assert np.isfinite(draws).all()
+    latents = prior.transform(draws.reshape(-1, N))
+    assert (np.abs(latents) < 1.5).all()
+
+
 def test_amortized_vi_drops_simulations_that_overflow():
     """Simulated measurements beyond the operator's finite range (NaN beyond |x| = 1.5) are
     dropped with a warning giving their count; the rest train a finite model."""
@@ -129,6 +153,27 @@ def test_amortized_vi_drops_simulations_that_overflow():
         solver.fit(np.zeros((1, N)))
     mean, std = solver.predict(np.zeros((3, N)), return_std=True)
     assert np.isfinite(mean).all() and np.isfinite(std).all()
+
+
+@pytest.mark.parametrize("method", ["langevin", "pl-mcmc"])
+def test_chains_stay_where_the_posterior_is_finite(method):
+    """With the operator NaN beyond |x| = 1.5 (as a flow that overflows), prior draws start
+    some chains there and steps near the edge cross it. Such starts are redrawn and such steps
+    rejected: every draw is finite and inside, and the observation well inside still gets its
+    exact posterior mean."""
+    prior = gaussian_prior()
+    op = FunctionOperator(lambda x: x + 0 * torch.log(1.5 - x.abs()), N)
+    assert (np.abs(prior.sample(200, random_state=0)) >= 1.5).any(axis=1).mean() > 0.05
+    mu = prior.inverse_transform(np.zeros((1, N)))[0]
+    Y = np.stack([mu, np.full(N, 1.4)])
+    sigma = 0.2
+    settings = {"langevin": dict(step_size=0.01, burn_in=200, thin=2, n_chains=100),
+                "pl-mcmc": dict(step_size=0.1, burn_in=300, thin=4, n_chains=100)}[method]
+    draws = InverseSolver(prior, op, method=method, sigma=sigma, method_params=settings,
+                          random_state=0).sample_posterior(Y, n_samples=2000)
+    assert np.isfinite(draws).all() and (np.abs(draws) < 1.5).all()
+    expected, std = exact_posterior(prior, np.eye(N), Y[:1], sigma)
+    assert (np.abs(draws[0].mean(0) - expected[0]) / std).max() < 0.2
 
 
 def test_langevin_default_step_follows_sigma(setup):

@@ -54,3 +54,23 @@ class Method:
     def sample(self, problem, Y, n_samples):
         """Posterior draws ``(n, m) -> (n, n_samples, n_features)``."""
         raise NotImplementedError
+
+
+def redraw_nonfinite(draw, evaluate, tries=10):
+    """Random candidates whose value is finite, where ``tries`` redraws can find one.
+
+    ``draw() -> c (B, ...)`` makes a batch of candidates, ``evaluate(c) -> v (B, ...)`` their
+    values; rows of ``v`` with a non-finite entry are replaced by fresh candidates. Returns
+    ``(c, v)``; rows still non-finite after ``tries`` redraws are left for the caller.
+    """
+    c = draw()
+    v = evaluate(c)
+    for _ in range(tries):
+        bad = ~torch.isfinite(v.reshape(len(v), -1)).all(1)
+        if not bad.any():
+            break
+        c_new = draw()
+        v_new = evaluate(c_new)
+        c = torch.where(bad.view(-1, *[1] * (c.dim() - 1)), c_new, c)
+        v = torch.where(bad.view(-1, *[1] * (v.dim() - 1)), v_new, v)
+    return c, v

@@ -6,7 +6,9 @@ Both sample the smoothed latent posterior
 
 with ``n_chains`` chains per observation, all observations and chains advanced together as
 one batch. Chains start from prior draws, run ``burn_in`` steps, then keep every ``thin``-th
-state; ``sample`` returns ``G`` of the kept states.
+state; ``sample`` returns ``G`` of the kept states. Chains never leave the region where the
+log-posterior is finite: a start outside it is redrawn, a step into it is rejected (a flow
+whose generator overflows there gives it no mass anyway).
 
 - ``langevin``: unadjusted Langevin, ``z <- z + step_size * grad log p(z | y)
   + sqrt(2 step_size) * noise``. It has no accept/reject step, so ``step_size`` (default
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .base import Method
+from .base import Method, redraw_nonfinite
 
 
 def _check_int(name, value, low):
@@ -43,6 +45,14 @@ class LatentMCMC(Method):
     def step(self, problem, z, y, state):
         raise NotImplementedError
 
+    @torch.no_grad()
+    def _start(self, problem, y, d):
+        """Prior draws ``(B, d)``, redrawn where the log-posterior is not finite (chains
+        still outside after ten redraws start at the prior's mode ``z = 0``)."""
+        z, log_p = redraw_nonfinite(lambda: problem.randn(len(y), d),
+                                    lambda z: self.log_posterior(problem, z, y))
+        return torch.where(torch.isfinite(log_p)[:, None], z, torch.zeros_like(z))
+
     def sample(self, problem, Y, n_samples):
         p = problem.params
         step_size = p["step_size"]
@@ -57,7 +67,7 @@ class LatentMCMC(Method):
         n, d, c = len(Y), problem.flow.latent_dim, p["n_chains"]
         per_chain = -(-n_samples // c)
         y = Y.repeat_interleave(c, 0)
-        z = problem.randn(n * c, d)
+        z = self._start(problem, y, d)
         state = {"step_size": step_size}
         kept = []
         total = p["burn_in"] + per_chain * p["thin"]
@@ -72,11 +82,21 @@ class LatentMCMC(Method):
 
 
 class Langevin(LatentMCMC):
+    def _gradient(self, problem, z, y):
+        """``(finite (B,), grad log p(z | y) (B, d))`` at ``z (B, d)``."""
+        z = z.detach().requires_grad_(True)
+        log_p = self.log_posterior(problem, z, y)
+        grad, = torch.autograd.grad(log_p.sum(), z)
+        return torch.isfinite(log_p) & torch.isfinite(grad).all(1), grad
+
     def step(self, problem, z, y, state):
         eps = state["step_size"]
-        z = z.detach().requires_grad_(True)
-        grad, = torch.autograd.grad(self.log_posterior(problem, z, y).sum(), z)
-        return (z + eps * grad + math.sqrt(2 * eps) * problem.randn(*z.shape)).detach()
+        if "grad" not in state:
+            state["grad"] = self._gradient(problem, z, y)[1]
+        proposal = z + eps * state["grad"] + math.sqrt(2 * eps) * problem.randn(*z.shape)
+        finite, grad = self._gradient(problem, proposal, y)
+        state["grad"] = torch.where(finite[:, None], grad, state["grad"])
+        return torch.where(finite[:, None], proposal, z)
 
 
 class PLMCMC(LatentMCMC):
@@ -89,7 +109,7 @@ class PLMCMC(LatentMCMC):
         proposal = z + state["step_size"] * problem.randn(*z.shape)
         log_p = self.log_posterior(problem, proposal, y)
         u = torch.rand(len(z), generator=problem.generator, device=z.device)
-        accept = torch.log(u) < log_p - state["log_p"]
+        accept = torch.isfinite(log_p) & (torch.log(u) < log_p - state["log_p"])
         state["log_p"] = torch.where(accept, log_p, state["log_p"])
         return torch.where(accept[:, None], proposal, z)
 

@@ -18,7 +18,8 @@ minimised by Adam with the reparametrisation trick (``mc_samples`` draws per ste
   couplings (identity at initialisation). It starts (``init="laplace"``) from a Laplace
   approximation, so Adam only refines it (hence the small default ``learning_rate``; raise it
   with ``init="prior"``). ``covariance="full"`` stores ``d x d`` per observation: use
-  ``"diag"`` for large latent spaces.
+  ``"diag"`` for large latent spaces. A draw of ``q`` the generator cannot make (a latent in
+  its tails where the prior overflows) is redrawn.
 - ``ambient-vi``: the same objective with the pre-generator in data space
   (``x = q-flow(eps)``, ``-log p(x)`` from the prior's density), the paper's baseline.
 - ``amortized-vi``: a conditional flow ``q(z | y)`` trained once in ``fit``; after that,
@@ -39,7 +40,7 @@ from .._training import train
 from ..nn.base import standard_normal_log_prob
 from ..nn.builders import build_flow
 from ..nn.networks import MLP
-from .base import Method
+from .base import Method, redraw_nonfinite
 
 
 def _sq(r):
@@ -252,9 +253,10 @@ class VI(Method):
     def sample(self, problem, Y, n_samples):
         q = self.fit_q(problem, Y)
         n, d = len(Y), self._dim(problem)
-        with torch.no_grad():
-            z, _ = q(problem.randn(n, n_samples, d))
-            return self._to_signal(problem, z.reshape(n * n_samples, d)).view(n, n_samples, -1)
+        with torch.no_grad():  # q's tails may reach latents where the generator overflows
+            _, x = redraw_nonfinite(lambda: q(problem.randn(n, n_samples, d))[0].view(-1, d),
+                                    lambda z: self._to_signal(problem, z))
+            return x.view(n, n_samples, -1)
 
 
 class AmbientVI(VI):
