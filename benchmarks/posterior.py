@@ -85,11 +85,18 @@ def figure(X, Y, draws, op, shape, path):
 
 
 def save(results, quick, n_test, per_obs=None):
+    """Write results/posterior.json, keeping the rows of methods this run did not measure
+    (from an earlier run with the same ``quick`` and ``n_test``)."""
+    path = RESULTS / "posterior.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    if (old.get("quick"), old.get("n_test")) == (quick, n_test):
+        results = {task: {**old["results"].get(task, {}), **rows}
+                   for task, rows in {**old["results"], **results}.items()}
     out = {"date": time.strftime("%Y-%m-%d"), "quick": quick, "n_test": n_test,
            "n_draws": N_DRAWS, "results": results}
     if per_obs is not None and {"vi", "amortized-vi"} <= per_obs.keys():
         out["speedup_amortized_over_vi"] = per_obs["vi"] / per_obs["amortized-vi"]
-    (RESULTS / "posterior.json").write_text(json.dumps(out, indent=2))
+    path.write_text(json.dumps(out, indent=2))
 
 
 def main():

@@ -7,6 +7,7 @@ from sklearn.model_selection import GridSearchCV
 
 from flowsk import FlowPrior, InverseSolver
 from flowsk.methods import METHODS
+from flowsk.methods.variational import BatchedPreGenerator
 from flowsk.nn.base import Chain, Flow
 from flowsk.nn.linear import ActNorm, InvertibleLinear
 from flowsk.operators import CompressedSensing, FunctionOperator, Inpainting
@@ -218,6 +219,8 @@ def digits():
 
 
 def test_digit_inpainting_with_a_trained_prior(digits):
+    """On a prior with a bounded data range, the posterior mean fits the observed pixels and
+    is uncertain in the box."""
     X, shape = digits
     prior = FlowPrior(data_range=(0, 1), n_steps=2, hidden_features=16, max_epochs=3,
                       device="cpu", random_state=0).fit(X[:300])
@@ -229,7 +232,25 @@ def test_digit_inpainting_with_a_trained_prior(digits):
     m, s = InverseSolver(prior, op, method="vi", sigma=0.05, n_iter=60,
                          random_state=0).predict(Y, return_std=True)
     assert np.isfinite(m).all() and m.min() >= 0 and m.max() <= 1
+    assert np.abs(m[:, observed] - Y).mean() < 0.1
     assert s[:, ~observed].mean() > 3 * s[:, observed].mean()
+
+
+def test_ambient_vi_objective_is_finite_on_a_bounded_prior(digits):
+    """Gaussian draws in data space fall outside a bounded prior's range (log p = NaN there);
+    ambient-vi's q lives after the prior's logit layer, so every draw has a finite loss."""
+    X, shape = digits
+    prior = FlowPrior(data_range=(0, 1), n_steps=2, hidden_features=16, max_epochs=3,
+                      device="cpu", random_state=0).fit(X[:300])
+    op = Inpainting(shape, box=(2, 2, 6, 6))
+    Y = torch.as_tensor(op.measure(X[300:304], noise_std=0.01, random_state=0),
+                        dtype=torch.float32)
+    solver = InverseSolver(prior, op, method="ambient-vi", sigma=0.05, random_state=0)
+    method = METHODS["ambient-vi"]()
+    problem = solver._problem(method)
+    q = BatchedPreGenerator(len(Y), X.shape[1], init_noise=problem.randn)
+    method._init_q(problem, q, Y)
+    assert torch.isfinite(method._loss(problem, q, Y, 64)).all()
 
 
 def test_latent_methods_work_with_an_injective_prior(digits):

@@ -21,7 +21,8 @@ minimised by Adam with the reparametrisation trick (``mc_samples`` draws per ste
   ``"diag"`` for large latent spaces. A draw of ``q`` the generator cannot make (a latent in
   its tails where the prior overflows) is redrawn.
 - ``ambient-vi``: the same objective with the pre-generator in data space
-  (``x = q-flow(eps)``, ``-log p(x)`` from the prior's density), the paper's baseline.
+  (``x = q-flow(eps)``, ``-log p(x)`` from the prior's density; for a bounded ``data_range``
+  in the space after the prior's logit layer), the paper's baseline.
 - ``amortized-vi``: a conditional flow ``q(z | y)`` trained once in ``fit``; after that,
   ``sample`` is one network pass. As in Hong, Park and Chun, the couplings see ``y`` through
   an encoder ``g(y)`` (a residual MLP of the standardised ``y``, the identity at
@@ -37,8 +38,9 @@ from sklearn.covariance import EmpiricalCovariance
 from tqdm.auto import tqdm
 
 from .._training import train
-from ..nn.base import standard_normal_log_prob
+from ..nn.base import Chain, standard_normal_log_prob
 from ..nn.builders import build_flow
+from ..nn.multiscale import Logit
 from ..nn.networks import MLP
 from .base import Method, redraw_nonfinite
 
@@ -260,7 +262,11 @@ class VI(Method):
 
 
 class AmbientVI(VI):
-    """The same VI with the pre-generator acting in data space on ``x`` directly."""
+    """The same VI with the pre-generator acting in data space.
+
+    For a prior with a ``data_range``, ``q`` lives in the unconstrained space after the prior's
+    logit layer (a fixed bijection of the data's open box, which leaves the KL unchanged), so
+    every draw is a valid signal; otherwise it acts on ``x`` directly."""
 
     defaults = {k: v for k, v in VI.defaults.items() if k not in ("init", "laplace_steps")}
     defaults["learning_rate"] = 5e-3
@@ -274,19 +280,30 @@ class AmbientVI(VI):
     def _dim(self, problem):
         return problem.flow.n_features
 
-    def _negative_log_prior(self, problem, x):
-        return -problem.flow.log_prob(x), x
+    @staticmethod
+    def _split(flow):
+        """``(logit layer or None, the flow's remaining layers)``."""
+        layers = flow.body.layers
+        if isinstance(layers[0], Logit):
+            return layers[0], Chain(*layers[1:])
+        return None, flow.body
+
+    def _negative_log_prior(self, problem, u):
+        logit, rest = self._split(problem.flow)
+        z, logdet = rest(u)
+        return -(standard_normal_log_prob(z) + logdet), self._to_signal(problem, u)
 
     def _init_q(self, problem, q, Y):
-        """Start at a diagonal Gaussian fit to prior samples (finite ``log p(x)`` from step
-        one)."""
+        """Start at a diagonal Gaussian fit to prior samples (finite ``log p`` from step one)."""
+        _, rest = self._split(problem.flow)
         with torch.no_grad():
-            x = problem.flow.inverse(problem.randn(256, self._dim(problem)))[0]
-            q.mean.copy_(x.mean(0).expand_as(q.mean))
-            q.log_diag.copy_(torch.log(x.std(0) + 1e-3).expand_as(q.log_diag))
+            u = rest.inverse(problem.randn(256, self._dim(problem)))[0]
+            q.mean.copy_(u.mean(0).expand_as(q.mean))
+            q.log_diag.copy_(torch.log(u.std(0) + 1e-3).expand_as(q.log_diag))
 
-    def _to_signal(self, problem, x):
-        return x.clamp(*problem.data_range) if problem.data_range is not None else x
+    def _to_signal(self, problem, u):
+        logit, _ = self._split(problem.flow)
+        return u if logit is None else logit.inverse(u)[0]
 
 
 class ResidualEncoder(torch.nn.Module):
