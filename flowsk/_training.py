@@ -8,6 +8,7 @@ from sklearn.exceptions import ConvergenceWarning
 from tqdm.auto import tqdm
 
 _MAX_LR_CUTS = 3
+_PLATEAU_LR_FACTOR = 10
 
 
 def resolve_device(device):
@@ -44,8 +45,9 @@ def train(module, loss_fn, data, *, max_epochs, batch_size, learning_rate, weigh
 
     ``data``: tensor ``(n, ...)`` on the module's device (pairs can be concatenated along
     dimension 1 and split in ``loss_fn``); ``rng`` a NumPy ``RandomState``. A validation split
-    (``validation_fraction``) drives early stopping after ``n_iter_no_change`` epochs without
-    improvement; the best weights are restored at the end.
+    (``validation_fraction``) drives early stopping: after ``n_iter_no_change`` epochs without
+    improvement the best weights are restored and the learning rate divided by 10, after as many
+    more training stops; the best weights are restored at the end.
     A non-finite loss, gradient or weight restores the best weights, resets the optimizer state
     and halves the learning rate; after three such cuts training stops with a
     :class:`ConvergenceWarning`.
@@ -59,7 +61,7 @@ def train(module, loss_fn, data, *, max_epochs, batch_size, learning_rate, weigh
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay)
     history = {"train_loss": [], "val_loss": []}
-    best, best_epoch, stale, cuts = np.inf, 0, 0, 0
+    best, best_epoch, stale, cuts, plateau_cut = np.inf, 0, 0, 0, False
     best_state = copy.deepcopy(module.state_dict())
     bar = tqdm(range(max_epochs), desc=desc, disable=verbose <= 0, leave=False)
     for epoch in bar:
@@ -115,7 +117,12 @@ def train(module, loss_fn, data, *, max_epochs, batch_size, learning_rate, weigh
         else:
             stale += 1
             if stale >= n_iter_no_change:
-                break
+                if plateau_cut:
+                    break
+                plateau_cut, stale = True, 0
+                module.load_state_dict(best_state)
+                for group in opt.param_groups:
+                    group["lr"] /= _PLATEAU_LR_FACTOR
     module.load_state_dict(best_state)
     module.eval()
     return history, best_epoch

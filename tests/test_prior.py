@@ -15,6 +15,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import flowsk._training
+import flowsk.prior
 from flowsk import FlowPrior
 from flowsk.datasets import load_digit_images
 from flowsk.nn.linear import ActNorm
@@ -357,6 +358,23 @@ def test_default_architecture_follows_image_shape():
     assert any(type(m).__name__ == "Multiscale" for m in prior.flow_.modules())
     vector = small(data_range=(0, 1)).fit(X[:60])
     assert not any(type(m).__name__ == "Multiscale" for m in vector.flow_.modules())
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({}, {"learning_rate": 6e-4, "weight_decay": 1e-3}),
+    ({"image_shape": (1, 8, 8)}, {"learning_rate": 1e-3, "weight_decay": 1e-4}),
+    ({"learning_rate": 1e-2, "weight_decay": 0.0}, {"learning_rate": 1e-2, "weight_decay": 0.0}),
+])
+def test_unset_training_settings_follow_the_architecture(monkeypatch, params, expected):
+    seen = {}
+
+    def spy(module, loss_fn, data, **kw):
+        seen.update(kw)
+        return {"train_loss": [], "val_loss": []}, 0
+
+    monkeypatch.setattr(flowsk.prior, "train", spy)
+    FlowPrior(max_epochs=1, **params).fit(load_digit_images()[0][:20])
+    assert {name: seen[name] for name in expected} == expected
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

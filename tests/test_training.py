@@ -145,15 +145,28 @@ def test_persistent_divergence_warns_and_keeps_finite_weights(action, adams):
     assert best == 0
 
 
-def test_early_stopping_restores_the_best_epoch():
-    val = [5.0, 4.0, 3.0, 3.5, 3.25, 3.0, 9.0, 1.0]  # best at epoch 2; ties do not count
+def test_a_plateau_restores_the_best_epoch_and_cuts_the_lr_once(adams):
+    # best at epoch 2 (ties do not count); 3 epochs without improvement cut the learning rate
+    # after epoch 5, 3 more stop training after epoch 8
+    val = [5.0, 4.0, 3.0, 3.5, 3.25, 3.0, 9.0, 9.0, 9.0, 1.0]
     rec = Recorder(val_losses=val)
-    module, h, best = fit(rec, max_epochs=8, n_iter_no_change=3)
+    module, h, best = fit(rec, max_epochs=10, n_iter_no_change=3)
     assert best == 2
-    assert h["val_loss"] == val[:6]  # stopped after 3 epochs without improvement
-    assert len(h["train_loss"]) == 6 and rec.val_calls == 6
+    assert h["val_loss"] == val[:9]
+    assert len(h["train_loss"]) == 9 and rec.val_calls == 9
+    assert adams[0].param_groups[0]["lr"] == pytest.approx(1e-2 / 10)
+    # epoch 6 started from the weights of epoch 2, which are also the ones kept
+    torch.testing.assert_close(rec.train_weights[6 * 2], rec.val_weights[2], rtol=0, atol=0)
     torch.testing.assert_close(Recorder.snapshot(module), rec.val_weights[2], rtol=0, atol=0)
     assert not torch.equal(rec.val_weights[2], rec.val_weights[5])
+
+
+def test_training_improves_after_the_lr_cut():
+    val = [5.0, 4.0, 3.0, 3.5, 3.25, 3.0, 2.0, 2.5, 2.25, 2.75, 1.0]
+    rec = Recorder(val_losses=val)
+    module, h, best = fit(rec, max_epochs=11, n_iter_no_change=3)
+    assert best == 6 and h["val_loss"] == val[:10]
+    torch.testing.assert_close(Recorder.snapshot(module), rec.val_weights[6], rtol=0, atol=0)
 
 
 def test_no_validation_split():
