@@ -393,11 +393,11 @@ class AmortizedVI(Method):
 
     def sample(self, problem, Y, n_samples):
         model, flow = problem.model.to(Y.device), problem.flow
-        n = len(Y)
-        with torch.no_grad():
-            eps = problem.randn(n * n_samples, flow.latent_dim)
-            return amortized_draw(model, flow, Y.repeat_interleave(n_samples, 0), eps).view(
-                n, n_samples, -1)
+        n, Y = len(Y), Y.repeat_interleave(n_samples, 0)
+        with torch.no_grad():  # as for vi: draws the generator cannot make are redrawn
+            _, x = redraw_nonfinite(lambda: problem.randn(n * n_samples, flow.latent_dim),
+                                    lambda eps: amortized_draw(model, flow, Y, eps))
+            return x.view(n, n_samples, -1)
 
 
 def amortized_context(model, Y):
