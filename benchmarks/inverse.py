@@ -62,12 +62,12 @@ def digits_split():
     return X_train[100:], X_train[:100], X_test, shape
 
 
-def digits_prior(X_fit, quick=False):
-    """``(prior, fit_seconds)``: the benchmarks' FlowPrior on ``X_fit``, cached in results/
-    (refitted when FlowPrior's defaults change)."""
+def digits_prior(X_fit, quick=False, name="prior-digits", **params):
+    """``(prior, fit_seconds)``: the benchmarks' FlowPrior on ``X_fit`` (``params`` override
+    its settings), cached as results/``name``.joblib (refitted when its parameters change)."""
     prior = FlowPrior(data_range=(0, 1), dequantize=1 / 16, random_state=0,
-                      max_epochs=3 if quick else 200)
-    path = RESULTS / f"prior-digits{'-quick' if quick else ''}.joblib"
+                      max_epochs=3 if quick else 200, **params)
+    path = RESULTS / f"{name}{'-quick' if quick else ''}.joblib"
     if path.exists():
         cached, seconds = joblib.load(path)
         if cached.get_params() == prior.get_params():
