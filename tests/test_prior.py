@@ -234,13 +234,25 @@ def test_history_and_best_weights_restored(monkeypatch):
     assert -prior.score(X[val_idx]) != pytest.approx(h["val_loss"][-1], rel=1e-5)
 
 
-def test_early_stopping_stops_before_max_epochs():
+def test_early_stopping_stops_at_the_second_plateau():
     X = correlated(40, seed=5)
     prior = small(max_epochs=500, n_iter_no_change=2, hidden_features=32, n_steps=2,
                   learning_rate=2e-2, validation_fraction=0.5, batch_size=10).fit(X)
-    n_epochs = len(prior.history_["val_loss"])
-    assert n_epochs < 500
-    assert n_epochs == prior.best_epoch_ + 1 + 2
+    val = prior.history_["val_loss"]
+    assert len(val) < 500
+    assert prior.best_epoch_ == int(np.argmin(val))
+    # replay the rule on the recorded losses: the first run of 2 epochs without a new best
+    # cuts the learning rate, the second one stops training
+    best, stale, plateau_ends = np.inf, 0, []
+    for epoch, loss in enumerate(val):
+        if loss < best:
+            best, stale = loss, 0
+        else:
+            stale += 1
+            if stale == 2:
+                plateau_ends.append(epoch)
+                stale = 0
+    assert plateau_ends == [plateau_ends[0], len(val) - 1]
 
 
 def test_no_validation_split_uses_training_loss():
