@@ -147,7 +147,7 @@ class VI(Method):
     """Per-observation composed-flow VI in the prior's latent space."""
 
     posterior = True
-    defaults = {"sigma": 0.1, "beta": 1.0, "n_iter": 500, "learning_rate": 3e-3,
+    defaults = {"sigma": 0.1, "beta": 1.0, "n_iter": 1000, "learning_rate": 3e-3,
                 "n_samples": 32, "mc_samples": 8, "covariance": "full", "n_layers": 2,
                 "hidden_features": 32, "init": "laplace", "laplace_steps": 3,
                 "path_gradient": True}
