@@ -9,10 +9,13 @@ task, at batch 32 and 256:
   costs cancel);
 - ``map`` as implemented (``log p(G(z))`` from the generator pass) against a naive ``map``
   that generates ``x = G(z)`` and then evaluates ``log p(x)`` with a second, forward pass;
-- the floor: one bare generator pass plus its backward (``G(z).sum().backward()``), timed in
-  the same run; the ratio of a ``map`` iteration to it (target <= 1.2).
+- the floor: one bare generator pass plus its backward (``G(z).sum().backward()``); the ratio
+  of a ``map`` iteration to it (target <= 1.2).
 
-Runs on CPU, and on CUDA when available (``--device cuda``). Writes results/speed.json.
+Each repeat times every method and the floor back to back; ratios are medians of per-repeat
+ratios, so that the machine's slow spells cancel.
+
+Runs on CPU, and on CUDA when available (``--device cuda``). Writes results/speed-<device>[-image].json.
 
     python benchmarks/speed.py [--quick] [--device cpu|cuda] [--image]
 """
@@ -46,33 +49,44 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def seconds_per_iteration(prior, op, method, Y, n1, n2, repeats):
-    """Median over ``repeats`` of ``(t(n2) - t(n1)) / (n2 - n1)`` for ``predict``."""
-    def run(n_iter):
-        solver = InverseSolver(prior, op, method=method, n_iter=n_iter, random_state=0)
-        _sync(prior.device_)
-        t = time.perf_counter()
-        solver.predict(Y)
-        _sync(prior.device_)
-        return time.perf_counter() - t
-
-    run(n1)  # warm-up
-    return float(np.median([(run(n2) - run(n1)) / (n2 - n1) for _ in range(repeats)]))
+def solver_seconds(prior, op, method, Y, n_iter):
+    """Wall seconds of ``predict`` with ``n_iter`` iterations."""
+    solver = InverseSolver(prior, op, method=method, n_iter=n_iter, random_state=0)
+    _sync(prior.device_)
+    t = time.perf_counter()
+    solver.predict(Y)
+    _sync(prior.device_)
+    return time.perf_counter() - t
 
 
-def floor_seconds(prior, batch, n, repeats):
-    """One bare generator pass and its backward, median over ``repeats`` of ``n`` passes."""
-    flow = prior.flow_
-    z = torch.zeros(batch, flow.latent_dim, device=prior.device_, requires_grad=True)
-    times = []
-    for _ in range(repeats + 1):
-        _sync(prior.device_)
-        t = time.perf_counter()
-        for _ in range(n):
-            flow.inverse(z)[0].sum().backward()
-        _sync(prior.device_)
-        times.append((time.perf_counter() - t) / n)
-    return float(np.median(times[1:]))
+def floor_seconds(prior, batch, n):
+    """Seconds of one bare generator pass and its backward, averaged over ``n`` passes."""
+    z = torch.zeros(batch, prior.flow_.latent_dim, device=prior.device_, requires_grad=True)
+    _sync(prior.device_)
+    t = time.perf_counter()
+    for _ in range(n):
+        prior.flow_.inverse(z)[0].sum().backward()
+    _sync(prior.device_)
+    return (time.perf_counter() - t) / n
+
+
+def timings(prior, op, Y, methods, n1, n2, repeats):
+    """``(seconds, ratios)``: per method (and "floor") the median over ``repeats`` of seconds
+    per iteration, ``(t(n2) - t(n1)) / (n2 - n1)`` so that set-up costs cancel; and the medians
+    of the per-repeat ratios map / floor and map / map-naive."""
+    for m in methods:  # warm-up
+        solver_seconds(prior, op, m, Y, n1)
+    floor_seconds(prior, len(Y), n1)
+    runs = []
+    for _ in range(repeats):
+        run = {m: (solver_seconds(prior, op, m, Y, n2) - solver_seconds(prior, op, m, Y, n1))
+               / (n2 - n1) for m in methods}
+        run["floor"] = floor_seconds(prior, len(Y), n2 - n1)
+        runs.append(run)
+    seconds = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+    ratios = {"map_over_floor": float(np.median([r["map"] / r["floor"] for r in runs])),
+              "map_over_naive": float(np.median([r["map"] / r["map-naive"] for r in runs]))}
+    return seconds, ratios
 
 
 def main():
@@ -90,25 +104,24 @@ def main():
                       max_epochs=1, random_state=0, device=args.device).fit(X_fit)
     prior.flow_.requires_grad_(False)
     op, noise = demo_tasks(shape)["cs16"]
-    n1, n2, repeats = (2, 6, 2) if args.quick else (5, 25, 3)
-    rows = {}
+    n1, n2, repeats = (2, 6, 2) if args.quick else (10, 110, 7)
+    rows, ratios = {}, {}
     for batch in (32, 256):
         X = np.resize(X_test, (batch, X_test.shape[1]))
         Y = op.measure(X, noise_std=noise, random_state=0)
-        row = {m: seconds_per_iteration(prior, op, m, Y, n1, n2, repeats)
-               for m in ("glowip", "map", "map-naive", "likelihood")}
-        row["floor"] = floor_seconds(prior, batch, n2, repeats)
-        rows[batch] = row
-        print(f"batch {batch}: " + ", ".join(f"{k} {1 / v:.0f} it/s" for k, v in row.items())
-              + f"; map/naive {row['map'] / row['map-naive']:.2f}, "
-                f"map/floor {row['map'] / row['floor']:.2f}", flush=True)
+        rows[batch], ratios[batch] = timings(
+            prior, op, Y, ("glowip", "map", "map-naive", "likelihood"), n1, n2, repeats)
+        print(f"batch {batch}: "
+              + ", ".join(f"{k} {1 / v:.0f} it/s" for k, v in rows[batch].items())
+              + f"; map/naive {ratios[batch]['map_over_naive']:.2f}, "
+                f"map/floor {ratios[batch]['map_over_floor']:.2f}", flush=True)
     out = {"date": time.strftime("%Y-%m-%d"), "device": args.device,
            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"
                       if args.device == "cpu" else torch.cuda.get_device_name(),
            "architecture": "glow (1, 8, 8)" if args.image else "mlp",
-           "seconds_per_iteration": rows,
-           "map_over_floor": {b: r["map"] / r["floor"] for b, r in rows.items()},
-           "map_over_naive": {b: r["map"] / r["map-naive"] for b, r in rows.items()}}
+           "repeats": repeats, "seconds_per_iteration": rows,
+           "map_over_floor": {b: r["map_over_floor"] for b, r in ratios.items()},
+           "map_over_naive": {b: r["map_over_naive"] for b, r in ratios.items()}}
     name = f"speed-{args.device}{'-image' if args.image else ''}.json"
     (RESULTS / name).write_text(json.dumps(out, indent=2))
     print(f"wrote {RESULTS / name}")
