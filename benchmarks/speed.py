@@ -10,12 +10,14 @@ task, at batch 32 and 256:
 - ``map`` as implemented (``log p(G(z))`` from the generator pass) against a naive ``map``
   that generates ``x = G(z)`` and then evaluates ``log p(x)`` with a second, forward pass;
 - the floor: one bare generator pass plus its backward (``G(z).sum().backward()``); the ratio
-  of a ``map`` iteration to it (target <= 1.2).
+  of a ``map`` iteration to it (target <= 1.2);
+- seconds of ``predict`` on 500 observations with each latent method's defaults (required:
+  under a minute on 2 cores).
 
-Each repeat times every method and the floor back to back; ratios are medians of per-repeat
-ratios, so that the machine's slow spells cancel.
+Every time is the fastest of several repeats, which cycle through all methods.
 
-Runs on CPU, and on CUDA when available (``--device cuda``). Writes results/speed-<device>[-image].json.
+Runs on CPU, and on CUDA when available (``--device cuda``). Writes
+results/speed-<device>[-image].json.
 
     python benchmarks/speed.py [--quick] [--device cpu|cuda] [--image]
 """
@@ -71,22 +73,22 @@ def floor_seconds(prior, batch, n):
 
 
 def timings(prior, op, Y, methods, n1, n2, repeats):
-    """``(seconds, ratios)``: per method (and "floor") the median over ``repeats`` of seconds
-    per iteration, ``(t(n2) - t(n1)) / (n2 - n1)`` so that set-up costs cancel; and the medians
-    of the per-repeat ratios map / floor and map / map-naive."""
+    """Seconds per iteration per method (and of the "floor"): ``(t(n2) - t(n1)) / (n2 - n1)``
+    so that set-up costs cancel, each ``t`` the fastest of ``repeats`` runs (interference from
+    the rest of the machine only ever adds time). Repeats cycle through all methods, so a
+    slow spell of the machine cannot favour one of them."""
+    runs = {m: {n1: [], n2: []} for m in methods}
+    floor = []
     for m in methods:  # warm-up
         solver_seconds(prior, op, m, Y, n1)
-    floor_seconds(prior, len(Y), n1)
-    runs = []
     for _ in range(repeats):
-        run = {m: (solver_seconds(prior, op, m, Y, n2) - solver_seconds(prior, op, m, Y, n1))
-               / (n2 - n1) for m in methods}
-        run["floor"] = floor_seconds(prior, len(Y), n2 - n1)
-        runs.append(run)
-    seconds = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
-    ratios = {"map_over_floor": float(np.median([r["map"] / r["floor"] for r in runs])),
-              "map_over_naive": float(np.median([r["map"] / r["map-naive"] for r in runs]))}
-    return seconds, ratios
+        for m in methods:
+            for n in (n1, n2):
+                runs[m][n].append(solver_seconds(prior, op, m, Y, n))
+        floor.append(floor_seconds(prior, len(Y), n2 - n1))
+    seconds = {m: (min(r[n2]) - min(r[n1])) / (n2 - n1) for m, r in runs.items()}
+    seconds["floor"] = min(floor)
+    return seconds
 
 
 def main():
@@ -105,23 +107,28 @@ def main():
     prior.flow_.requires_grad_(False)
     op, noise = demo_tasks(shape)["cs16"]
     n1, n2, repeats = (2, 6, 2) if args.quick else (10, 110, 7)
-    rows, ratios = {}, {}
+    rows = {}
     for batch in (32, 256):
         X = np.resize(X_test, (batch, X_test.shape[1]))
         Y = op.measure(X, noise_std=noise, random_state=0)
-        rows[batch], ratios[batch] = timings(
+        row = rows[batch] = timings(
             prior, op, Y, ("glowip", "map", "map-naive", "likelihood"), n1, n2, repeats)
-        print(f"batch {batch}: "
-              + ", ".join(f"{k} {1 / v:.0f} it/s" for k, v in rows[batch].items())
-              + f"; map/naive {ratios[batch]['map_over_naive']:.2f}, "
-                f"map/floor {ratios[batch]['map_over_floor']:.2f}", flush=True)
+        print(f"batch {batch}: " + ", ".join(f"{k} {1 / v:.0f} it/s" for k, v in row.items())
+              + f"; map/naive {row['map'] / row['map-naive']:.2f}, "
+                f"map/floor {row['map'] / row['floor']:.2f}", flush=True)
+    Y = op.measure(np.resize(X_test, (500, X_test.shape[1])), noise_std=noise, random_state=0)
+    predict_500 = {m: solver_seconds(prior, op, m, Y, None)
+                   for m in ("csgm", "glowip", "map", "likelihood")}
+    print("predict on 500 observations, defaults: "
+          + ", ".join(f"{m} {t:.1f} s" for m, t in predict_500.items()), flush=True)
     out = {"date": time.strftime("%Y-%m-%d"), "device": args.device,
            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"
                       if args.device == "cpu" else torch.cuda.get_device_name(),
            "architecture": "glow (1, 8, 8)" if args.image else "mlp",
            "repeats": repeats, "seconds_per_iteration": rows,
-           "map_over_floor": {b: r["map_over_floor"] for b, r in ratios.items()},
-           "map_over_naive": {b: r["map_over_naive"] for b, r in ratios.items()}}
+           "map_over_floor": {b: r["map"] / r["floor"] for b, r in rows.items()},
+           "map_over_naive": {b: r["map"] / r["map-naive"] for b, r in rows.items()},
+           "predict_500_seconds": predict_500}
     name = f"speed-{args.device}{'-image' if args.image else ''}.json"
     (RESULTS / name).write_text(json.dumps(out, indent=2))
     print(f"wrote {RESULTS / name}")
