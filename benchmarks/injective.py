@@ -35,7 +35,7 @@ from inverse import GRIDS, digits_prior, digits_split
 from sklearn.model_selection import GridSearchCV
 
 from flowsk import InjectiveFlowPrior, InverseSolver
-from flowsk.__main__ import demo_tasks
+from flowsk.demo import demo_tasks
 from flowsk.metrics import psnr, ssim
 
 REQUIRED_MAX_ERROR = 0.15

@@ -21,8 +21,8 @@ from sklearn.mixture import GaussianMixture
 from sklearn.model_selection import GridSearchCV, train_test_split
 
 from flowsk import FlowPrior, InverseSolver
-from flowsk.__main__ import demo_tasks
 from flowsk.datasets import load_digit_images
+from flowsk.demo import demo_tasks
 from flowsk.metrics import psnr, ssim
 
 RESULTS = Path(__file__).parent / "results"

@@ -24,7 +24,7 @@ from inverse import RESULTS, dense, digits_gmm, digits_prior, digits_split, gmm_
 from sklearn.model_selection import GridSearchCV
 
 from flowsk import InverseSolver
-from flowsk.__main__ import demo_tasks
+from flowsk.demo import demo_tasks
 from flowsk.metrics import psnr
 
 METHODS = ("vi", "amortized-vi", "langevin", "ambient-vi", "pl-mcmc")

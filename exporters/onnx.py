@@ -174,14 +174,15 @@ def _get_part(estimator, part):
 
 # -- FlowPrior ---------------------------------------------------------------------------------
 class FlowDecoder(torch.nn.Module):
-    """``z (B, latent_dim) -> x (B, n_features)``: the generator ``G = flow.inverse``."""
+    """``z (B, latent_dim) -> x (B, n_features)``: the generator, clipped to the data range
+    (``flow.decode``), as ``sample`` and ``inverse_transform`` return it."""
 
     def __init__(self, flow):
         super().__init__()
         self.flow = flow
 
     def forward(self, z):
-        return self.flow.inverse(z)[0]
+        return self.flow.decode(z)
 
 
 class FlowEncoder(torch.nn.Module):

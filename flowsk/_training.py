@@ -1,4 +1,10 @@
-"""The one training loop every estimator uses."""
+"""The one training loop every estimator uses.
+
+:func:`train` composes three parts that can be read and tested alone: :class:`Batches`
+(minibatches streamed from an array or tensor to the device), :class:`EarlyStopping` (the
+validation schedule: best weights, one learning-rate cut at the first plateau, stop at the
+second) and :class:`DivergenceGuard` (a non-finite loss, gradient or weight is undone).
+"""
 import copy
 import warnings
 
@@ -9,6 +15,12 @@ from tqdm.auto import tqdm
 
 _MAX_LR_CUTS = 3
 _PLATEAU_LR_FACTOR = 10
+#: Arrays up to this size (as float32) are copied to the device once; larger ones (a
+#: memory-mapped data set, say) are streamed batch by batch and never copied whole.
+_DEVICE_COPY_LIMIT = 2**29
+#: On a GPU the loop checks the loss for non-finite values every this many steps (a check is a
+#: host synchronisation); on the CPU it checks every step, where a check costs nothing.
+_GPU_CHECK_EVERY = 16
 
 
 def resolve_device(device):
@@ -26,6 +38,14 @@ def resolve_device(device):
     return device
 
 
+def module_device(module):
+    """The device of ``module``'s first parameter or buffer (CPU for an empty module)."""
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
 def _finite(module):
     return all(torch.isfinite(p).all() for p in module.parameters())
 
@@ -38,91 +58,179 @@ def _split(n, validation_fraction, rng):
     return order[n_val:], order[:n_val]
 
 
+def param_groups(module, weight_decay):
+    """Optimizer groups: the weights of linear and convolution layers decay, everything else
+    (biases, ActNorm, LU factors, learned shifts) does not."""
+    decay, no_decay = [], []
+    for sub in module.modules():
+        for name, p in sub.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            layer = isinstance(sub, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
+            (decay if layer and name == "weight" else no_decay).append(p)
+    groups = [{"params": no_decay, "weight_decay": 0.0}]
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    return groups
+
+
+class Batches:
+    """Rows of ``data`` (an array, memory-mapped or not, or a tensor) as float32 tensors on
+    ``device``. Arrays up to ``_DEVICE_COPY_LIMIT`` bytes move to the device once; larger ones
+    are read batch by batch (rows in ascending order, which memory maps read fastest)."""
+
+    def __init__(self, data, device):
+        self.device = device
+        if isinstance(data, torch.Tensor):
+            self.data = data.to(device)
+        elif 4 * data.size <= _DEVICE_COPY_LIMIT:
+            self.data = torch.as_tensor(np.asarray(data, dtype=np.float32), device=device)
+        else:
+            self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, idx):
+        if isinstance(self.data, torch.Tensor):
+            return self.data[torch.as_tensor(idx, device=self.device)]
+        rows = np.asarray(self.data[np.sort(idx)], dtype=np.float32)
+        pin = self.device.type == "cuda"
+        tensor = torch.from_numpy(rows)
+        return (tensor.pin_memory() if pin else tensor).to(self.device, non_blocking=pin)
+
+
+class EarlyStopping:
+    """Keeps the weights of the best validation epoch. After ``n_iter_no_change`` epochs
+    without improvement the best weights are restored and the learning rate divided by
+    ``_PLATEAU_LR_FACTOR``; after as many more, :meth:`update` says stop."""
+
+    def __init__(self, module, n_iter_no_change):
+        self.n_iter_no_change = n_iter_no_change
+        self.best, self.best_epoch, self.stale, self.cut = np.inf, 0, 0, False
+        self.best_state = copy.deepcopy(module.state_dict())
+
+    def restore(self, module):
+        module.load_state_dict(self.best_state)
+
+    def update(self, epoch, val_loss, module, optimizer):
+        """Record epoch ``epoch``'s validation loss; returns True when training should stop."""
+        if np.isfinite(val_loss) and val_loss < self.best:
+            self.best, self.best_epoch, self.stale = val_loss, epoch, 0
+            self.best_state = copy.deepcopy(module.state_dict())
+            return False
+        self.stale += 1
+        if self.stale < self.n_iter_no_change:
+            return False
+        if self.cut:
+            return True
+        self.cut, self.stale = True, 0
+        self.restore(module)
+        for group in optimizer.param_groups:
+            group["lr"] /= _PLATEAU_LR_FACTOR
+        return False
+
+
+class DivergenceGuard:
+    """Undoes an epoch whose loss, gradient or weights went non-finite: the best weights come
+    back, the optimizer's moments are cleared and the learning rate halves; after
+    ``_MAX_LR_CUTS`` halvings :meth:`recover` says stop (with a :class:`ConvergenceWarning`)."""
+
+    def __init__(self):
+        self.cuts = 0
+
+    def recover(self, epoch, module, optimizer, stopper):
+        """Undo the epoch; returns True when training should stop."""
+        self.cuts += 1
+        stopper.restore(module)
+        optimizer.state.clear()  # Adam's moments may be non-finite too
+        if self.cuts > _MAX_LR_CUTS:
+            warnings.warn(f"training diverged (non-finite loss or weights) at epoch {epoch}; "
+                          f"stopped and kept the best weights (epoch {stopper.best_epoch}). "
+                          "Try a lower learning_rate.", ConvergenceWarning,
+                          stacklevel=5)  # recover <- train <- _fit / method.fit <- fit <- caller
+            return True
+        for group in optimizer.param_groups:
+            group["lr"] /= 2
+        return False
+
+
+def _train_epoch(module, loss_fn, batches, order, batch_size, optimizer, params, clip_norm):
+    """One pass of Adam over the rows ``order``; the mean loss, or NaN when a loss or gradient
+    was not finite (the pass then stops early, on the CPU at that very step)."""
+    check_every = 1 if batches.device.type == "cpu" else _GPU_CHECK_EVERY
+    total, count = torch.zeros((), device=batches.device), 0
+    for k, start in enumerate(range(0, len(order), batch_size)):
+        batch = batches[order[start:start + batch_size]]
+        loss = loss_fn(module, batch)
+        if k % check_every == 0 and not torch.isfinite(loss):
+            return float("nan")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        if k % check_every == 0 and not torch.isfinite(grad_norm):
+            return float("nan")  # a step would make every weight NaN
+        optimizer.step()
+        total = total + loss.detach() * len(batch)
+        count += len(batch)
+    return (total / count).item()
+
+
+@torch.no_grad()
+def _evaluate(module, loss_fn, batches, idx, batch_size):
+    """Mean of ``loss_fn`` over the rows ``idx``, in chunks of ``4 * batch_size`` rows."""
+    step = 4 * batch_size
+    total = sum(loss_fn(module, batches[idx[s:s + step]]).item() * len(idx[s:s + step])
+                for s in range(0, len(idx), step))
+    return total / len(idx)
+
+
 def train(module, loss_fn, data, *, max_epochs, batch_size, learning_rate, weight_decay=0.0,
           validation_fraction=0.1, n_iter_no_change=10, clip_norm=10.0, rng, verbose=0,
           desc="fit"):
-    """Fit ``module`` by minimising ``loss_fn(module, batch) -> scalar`` with Adam.
+    """Fit ``module`` by minimising ``loss_fn(module, batch) -> scalar`` with AdamW.
 
-    ``data``: tensor ``(n, ...)`` on the module's device (pairs can be concatenated along
-    dimension 1 and split in ``loss_fn``); ``rng`` a NumPy ``RandomState``. A validation split
-    (``validation_fraction``) drives early stopping: after ``n_iter_no_change`` epochs without
-    improvement the best weights are restored and the learning rate divided by 10, after as many
-    more training stops; the best weights are restored at the end.
-    A non-finite loss, gradient or weight restores the best weights, resets the optimizer state
-    and halves the learning rate; after three such cuts training stops with a
-    :class:`ConvergenceWarning`.
+    ``data``: array or tensor ``(n, ...)`` (pairs can be concatenated along dimension 1 and
+    split in ``loss_fn``), streamed to the module's device by :class:`Batches`; ``rng`` a NumPy
+    ``RandomState``. ``weight_decay`` is decoupled (AdamW) and applies only to the weights of
+    linear and convolution layers (:func:`param_groups`). A validation split
+    (``validation_fraction``) drives :class:`EarlyStopping`; the best weights are restored at
+    the end. Gradients are clipped to norm ``clip_norm``; :class:`DivergenceGuard` undoes
+    epochs that go non-finite.
 
     Returns ``(history, best_epoch)``; ``history`` holds ``train_loss`` and ``val_loss`` lists
     with one entry per epoch run (NaN for an epoch that diverged), so ``best_epoch`` indexes
     them.
     """
-    train_idx, val_idx = _split(len(data), validation_fraction, rng)
-    val = data[val_idx] if len(val_idx) else None
+    batches = Batches(data, module_device(module))
+    train_idx, val_idx = _split(len(batches), validation_fraction, rng)
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(module, weight_decay), lr=learning_rate)
     history = {"train_loss": [], "val_loss": []}
-    best, best_epoch, stale, cuts, plateau_cut = np.inf, 0, 0, 0, False
-    best_state = copy.deepcopy(module.state_dict())
+    stopper, guard = EarlyStopping(module, n_iter_no_change), DivergenceGuard()
     bar = tqdm(range(max_epochs), desc=desc, disable=verbose <= 0, leave=False)
     for epoch in bar:
         module.train()
         order = train_idx[rng.permutation(len(train_idx))]
-        total, count, diverged = 0.0, 0, False
-        for start in range(0, len(order), batch_size):
-            batch = data[order[start:start + batch_size]]
-            loss = loss_fn(module, batch)
-            if not torch.isfinite(loss):
-                diverged = True
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
-            if not torch.isfinite(grad_norm):  # a step would make every weight NaN
-                diverged = True
-                break
-            opt.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
-        if diverged or not _finite(module):
-            cuts += 1
+        train_loss = _train_epoch(module, loss_fn, batches, order, batch_size, optimizer,
+                                  params, clip_norm)
+        if not (np.isfinite(train_loss) and _finite(module)):
             history["train_loss"].append(float("nan"))
             history["val_loss"].append(float("nan"))
-            module.load_state_dict(best_state)
-            opt.state.clear()  # Adam's moments may be non-finite too
-            if cuts > _MAX_LR_CUTS:
-                warnings.warn(f"training diverged (non-finite loss or weights) at epoch {epoch}"
-                              f"; stopped and kept the best weights (epoch {best_epoch}). "
-                              "Try a lower learning_rate.", ConvergenceWarning,
-                              stacklevel=4)  # train <- _fit / method.fit <- fit <- caller
+            if guard.recover(epoch, module, optimizer, stopper):
                 break
-            for group in opt.param_groups:
-                group["lr"] /= 2
             continue
-        train_loss = total / count
         module.eval()
-        if val is not None:
-            with torch.no_grad():
-                val_loss = loss_fn(module, val).item()
-        else:
-            val_loss = train_loss
+        val_loss = (_evaluate(module, loss_fn, batches, val_idx, batch_size) if len(val_idx)
+                    else train_loss)
         history["train_loss"].append(train_loss)
         history["val_loss"].append(val_loss)
         if verbose > 0:
             bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val_loss:.4g}")
             if verbose > 1:
                 tqdm.write(f"[{desc}] epoch {epoch}: train {train_loss:.5g}  val {val_loss:.5g}")
-        if np.isfinite(val_loss) and val_loss < best:
-            best, best_epoch, stale = val_loss, epoch, 0
-            best_state = copy.deepcopy(module.state_dict())
-        else:
-            stale += 1
-            if stale >= n_iter_no_change:
-                if plateau_cut:
-                    break
-                plateau_cut, stale = True, 0
-                module.load_state_dict(best_state)
-                for group in opt.param_groups:
-                    group["lr"] /= _PLATEAU_LR_FACTOR
-    module.load_state_dict(best_state)
+        if stopper.update(epoch, val_loss, module, optimizer):
+            break
+    stopper.restore(module)
     module.eval()
-    return history, best_epoch
+    return history, stopper.best_epoch

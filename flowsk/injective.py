@@ -7,9 +7,10 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 
 from ._training import train
+from ._validation import check_choice, check_finite_output, check_int, is_real
 from .nn.coupling import TRANSFORMS
 from .nn.injective import ACTIVATIONS, LOGDET_METHODS, build_injective_flow
-from .prior import BaseFlowEstimator, _is_real, check_finite_output
+from .prior import BaseFlowEstimator
 
 
 class InjectiveFlowPrior(BaseFlowEstimator):
@@ -115,22 +116,15 @@ class InjectiveFlowPrior(BaseFlowEstimator):
                                             or self.latent_dim < 1):
             raise ValueError(f"latent_dim must be a positive int or None, "
                              f"got {self.latent_dim!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, "
-                             f"got {self.activation!r}")
-        if not isinstance(self.coupling, str) or self.coupling not in TRANSFORMS:
-            raise ValueError(f"coupling must be one of {sorted(TRANSFORMS)}, "
-                             f"got {self.coupling!r}")
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("coupling", self.coupling, TRANSFORMS)
         for name, low in (("n_steps", 0), ("n_latent_steps", 0), ("hidden_features", 1),
                           ("n_probes", 1), ("n_terms", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if not _is_real(self.regularization, 0):
+            check_int(name, getattr(self, name), low)
+        if not is_real(self.regularization, 0):
             raise ValueError(f"regularization must be finite and >= 0, "
                              f"got {self.regularization!r}")
-        if self.logdet not in LOGDET_METHODS:
-            raise ValueError(f"logdet must be one of {LOGDET_METHODS}, got {self.logdet!r}")
+        check_choice("logdet", self.logdet, LOGDET_METHODS)
 
     def _resolve_latent_dim(self, n_features):
         d = n_features // 2 if self.latent_dim is None else int(self.latent_dim)

@@ -1,7 +1,6 @@
 """FlowPrior: a normalizing flow as a scikit-learn density estimator and transformer."""
 import copy
 import numbers
-import warnings
 
 import numpy as np
 import torch
@@ -11,6 +10,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from ._training import resolve_device, train
+from ._validation import check_choice, check_finite_output, check_float32_range, is_real
 from .metrics import bits_per_dim
 from .nn.builders import ARCHITECTURES, IMAGE_ARCHITECTURES, build_flow
 from .nn.coupling import TRANSFORMS
@@ -24,28 +24,6 @@ _AUTO = {"mlp": {"n_steps": 8, "hidden_features": 128, "learning_rate": 6e-4,
                    "weight_decay": 1e-4}}
 
 
-def check_finite_output(values, on_nonfinite, what):
-    """Raise or warn (``on_nonfinite`` = ``"raise"`` / ``"warn"``) when ``values`` ``(n, ...)``
-    holds non-finite entries; returns ``values``."""
-    bad = int((~np.isfinite(values.reshape(len(values), -1))).any(1).sum())
-    if bad:
-        msg = (f"{bad} of {len(values)} {what} contain non-finite values; the flow is unstable "
-               "for these inputs (try coupling='robust-spline' or a lower temperature)")
-        if on_nonfinite == "raise":
-            raise FloatingPointError(msg)
-        # helper -> public method -> the caller of that method
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-    return values
-
-
-def check_float32_range(X, name):
-    """Raise ``ValueError`` when ``X`` holds values beyond float32, the flows' precision."""
-    if X.size and np.abs(X).max() > np.finfo(np.float32).max:
-        raise ValueError(f"{name} has values of magnitude up to {np.abs(X).max():.3g}, beyond "
-                         "the float32 range the flows compute in; rescale it")
-    return X
-
-
 def dequantize(batch, width, data_range=None):
     """``batch (B, D)`` plus uniform noise of ``width`` centred on each value, reflected back
     into ``data_range`` at its bounds (clamping would put a point mass on the bounds, which a
@@ -57,11 +35,6 @@ def dequantize(batch, width, data_range=None):
     batch = torch.where(batch < lo, 2 * lo - batch, batch)
     batch = torch.where(batch > hi, 2 * hi - batch, batch)
     return batch.clamp(lo, hi)  # only for width > hi - lo
-
-
-def _is_real(value, low=-np.inf):
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and np.isfinite(value) and value >= low)
 
 
 class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
@@ -85,7 +58,7 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
                                  f"got {self.image_shape!r}")
         if self.data_range is not None:
             pair = tuple(self.data_range) if np.ndim(self.data_range) == 1 else ()
-            if len(pair) != 2 or not all(map(_is_real, pair)) or not pair[0] < pair[1]:
+            if len(pair) != 2 or not all(map(is_real, pair)) or not pair[0] < pair[1]:
                 raise ValueError(f"data_range must be (lo, hi) finite with lo < hi, "
                                  f"got {self.data_range!r}")
         for name in ("max_epochs", "batch_size", "n_iter_no_change"):
@@ -95,17 +68,16 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
         if not isinstance(self.verbose, numbers.Integral):
             raise TypeError(f"verbose must be an int, got {self.verbose!r}")
         learning_rate = self._setting("learning_rate")
-        if not (_is_real(learning_rate) and learning_rate > 0):
+        if not (is_real(learning_rate) and learning_rate > 0):
             raise ValueError(f"learning_rate must be finite and > 0, got {learning_rate!r}")
         weight_decay = self._setting("weight_decay")
-        if not _is_real(weight_decay, 0):
+        if not is_real(weight_decay, 0):
             raise ValueError(f"weight_decay must be finite and >= 0, got {weight_decay!r}")
         if not (isinstance(self.validation_fraction, numbers.Real)
                 and 0 <= self.validation_fraction < 1):
             raise ValueError(f"validation_fraction must be in [0, 1), "
                              f"got {self.validation_fraction!r}")
-        if not isinstance(self.on_nonfinite, str) or self.on_nonfinite not in ("raise", "warn"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'warn', got {self.on_nonfinite!r}")
+        check_choice("on_nonfinite", self.on_nonfinite, ("raise", "warn"))
 
     def _validate(self, X, reset=False):
         X = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
@@ -175,20 +147,31 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
         """Mean log-likelihood of ``X`` in nats per sample."""
         return float(np.mean(self.score_samples(X)))
 
-    def bits_per_dim(self, X):
-        """Mean negative log-likelihood of ``X`` in bits per dimension."""
-        return bits_per_dim(self.score(X), self.n_features_in_)
+    def bits_per_dim(self, X, n_bits=None):
+        """Mean negative log-likelihood of ``X`` in bits per dimension.
+
+        ``n_bits`` (needs ``data_range``): the data hold ``2**n_bits`` levels over
+        ``data_range``, and the result is in the image-flow convention (8-bit images: the
+        density on [0, 256)); see :func:`flowsk.metrics.bits_per_dim`.
+        """
+        width = 1.0
+        if n_bits is not None:
+            if self.data_range is None:
+                raise ValueError("bits_per_dim with n_bits needs a prior with data_range")
+            width = float(self.data_range[1] - self.data_range[0])
+        return bits_per_dim(self.score(X), self.n_features_in_, n_bits=n_bits,
+                            data_range=width)
 
     def sample(self, n_samples=1, temperature=1.0, random_state=None):
         """Draw ``(n_samples, n_features)`` samples with latent ``N(0, temperature^2 I)``."""
         check_is_fitted(self)
         if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
-        if not _is_real(temperature, 0):
+        if not is_real(temperature, 0):
             raise ValueError(f"temperature must be finite and >= 0, got {temperature!r}")
         rng = check_random_state(random_state)
         Z = temperature * rng.standard_normal((n_samples, self.flow_.latent_dim))
-        X = self._map(lambda z: self.flow_.inverse(z)[0], Z)
+        X = self._map(self.flow_.decode, Z)
         return check_finite_output(X, self.on_nonfinite, "samples")
 
     def transform(self, X):
@@ -201,8 +184,14 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
     def inverse_transform(self, Z):
         """Generate ``x = G(z)``: ``(n, latent_dim) -> (n, n_features)``."""
         Z = self._validate_latent(Z)
-        X = self._map(lambda z: self.flow_.inverse(z)[0], Z, Z.dtype)
+        X = self._map(self.flow_.decode, Z, Z.dtype)
         return check_finite_output(X, self.on_nonfinite, "generated signals")
+
+    def ood_features(self, X):
+        """Latent codes of ``X`` and the fitted ``latent_covariance_`` of the training codes,
+        for :func:`flowsk.metrics.ood_score`: ``(n, n_features) -> ((n, latent_dim),
+        EmpiricalCovariance)``."""
+        return self.transform(X), self.latent_covariance_
 
     # -- scikit-learn contract --------------------------------------------------------------
     def __sklearn_tags__(self):
@@ -314,14 +303,12 @@ class FlowPrior(BaseFlowEstimator):
         if arch in IMAGE_ARCHITECTURES and self.image_shape is None:
             raise ValueError(f"architecture={arch!r} needs image_shape=(C, H, W); "
                              "use architecture='mlp' for vector data")
-        if not isinstance(self.coupling, str) or self.coupling not in TRANSFORMS:
-            raise ValueError(f"coupling must be one of {sorted(TRANSFORMS)}, "
-                             f"got {self.coupling!r}")
+        check_choice("coupling", self.coupling, TRANSFORMS)
         for name in ("n_levels", "n_steps", "hidden_features"):
             value = self._setting(name)
             if not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not _is_real(self.dequantize, 0):
+        if not is_real(self.dequantize, 0):
             raise ValueError(f"dequantize must be finite and >= 0, got {self.dequantize!r}")
 
     def _loss(self, flow, batch):
@@ -337,7 +324,7 @@ class FlowPrior(BaseFlowEstimator):
             hidden_features=self._setting("hidden_features"), data_range=self.data_range,
             random_state=rng.randint(2**31 - 1)).to(self.device_)
         self.history_, self.best_epoch_ = train(
-            self.flow_, self._loss, self._tensor(X), max_epochs=self.max_epochs,
+            self.flow_, self._loss, X, max_epochs=self.max_epochs,
             batch_size=self.batch_size, learning_rate=self._setting("learning_rate"),
             weight_decay=self._setting("weight_decay"),
             validation_fraction=self.validation_fraction,

@@ -9,11 +9,12 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ._training import resolve_device
+from ._validation import check_choice, check_finite_output, check_float32_range
 from .methods import METHODS
 from .methods.base import Problem
+from .methods.variational import amortized_context
 from .metrics import psnr
 from .operators import Operator
-from .prior import check_finite_output, check_float32_range
 
 _HYPERPARAMETERS = ("gamma", "alpha", "beta", "sigma", "init", "init_std", "n_iter",
                     "learning_rate", "n_restarts", "n_samples")
@@ -139,8 +140,7 @@ class InverseSolver(BaseEstimator):
 
     def _problem(self, method):
         self._check_prior_operator(method)
-        if not isinstance(self.on_nonfinite, str) or self.on_nonfinite not in ("raise", "warn"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'warn', got {self.on_nonfinite!r}")
+        check_choice("on_nonfinite", self.on_nonfinite, ("raise", "warn"))
         device = self.prior.device_ if self.device is None else resolve_device(self.device)
         flow = self.prior.flow_
         if next(iter(flow.buffers()), torch.empty(0, device=device)).device != device:
@@ -149,7 +149,7 @@ class InverseSolver(BaseEstimator):
         seed = check_random_state(self.random_state).randint(2**31 - 1)
         return Problem(flow=flow, operator=operator, params=self._params(method),
                         generator=torch.Generator(device).manual_seed(int(seed)),
-                        data_range=self.prior.data_range, prior=self.prior,
+                        data_range=self.prior.data_range,
                         model=getattr(self, "model_", None), verbose=self.verbose)
 
     def _run(self, fn, Y, problem):
@@ -216,6 +216,22 @@ class InverseSolver(BaseEstimator):
         Y = check_float32_range(self.operator.check_measurements(Y), "Y")
         S = self._run(lambda p, y: method.sample(p, y, n_samples), Y, problem)
         return check_finite_output(S, self.on_nonfinite, "posterior samples")
+
+    def ood_features(self, Y):
+        """Encoder features ``g(y)`` of a fitted ``amortized-vi`` solver and the fitted
+        covariance of those of its training measurements, for
+        :func:`flowsk.metrics.ood_score`: ``(n, m) -> ((n, m), EmpiricalCovariance)``."""
+        if self.method != "amortized-vi":
+            raise ValueError(f"ood_features needs method='amortized-vi' (an encoder of y), "
+                             f"got {self.method!r}")
+        check_is_fitted(self, "model_", msg="the solver is not fitted: call fit(Y) first")
+        Y = check_float32_range(self.operator.check_measurements(Y), "Y")
+        model = self.model_
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            features = amortized_context(model, torch.as_tensor(Y, dtype=torch.float32,
+                                                                device=device))
+        return features.cpu().numpy(), model.feature_covariance
 
     def score(self, Y, X):
         """Mean PSNR (dB) of ``predict(Y)`` against the true signals ``X``."""

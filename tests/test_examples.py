@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flowsk.__main__ import demo_tasks
+from flowsk.demo import demo_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))

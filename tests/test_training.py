@@ -77,12 +77,12 @@ def adams(monkeypatch):
     """Every Adam optimizer the loop creates, to read its learning rate afterwards."""
     made = []
 
-    class RecordingAdam(torch.optim.Adam):
+    class RecordingAdam(torch.optim.AdamW):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(flowsk._training.torch.optim, "Adam", RecordingAdam)
+    monkeypatch.setattr(flowsk._training.torch.optim, "AdamW", RecordingAdam)
     return made
 
 
@@ -179,14 +179,14 @@ def test_no_validation_split():
 
 def test_gradients_are_clipped(monkeypatch, adams):
     norms = []
-    real_step = torch.optim.Adam.step
+    real_step = torch.optim.AdamW.step
 
     def spy_step(self, *args, **kwargs):
         norms.append(torch.cat([p.grad.reshape(-1) for g in self.param_groups
                                 for p in g["params"]]).norm().item())
         return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.optim.Adam, "step", spy_step)
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
 
     def huge_loss(module, batch):
         return 1e6 * ((module(batch[:, :2])[:, 0] - batch[:, 2]) ** 2).mean()

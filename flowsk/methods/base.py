@@ -4,7 +4,7 @@ A method sees a :class:`Problem` and works on a whole batch of observations at o
 point methods implement ``predict``, posterior methods implement ``sample`` (the solver derives
 the mean and per-pixel std from the draws), and amortized methods also implement ``fit``.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -23,14 +23,17 @@ class Problem:
     params: dict
     generator: torch.Generator
     data_range: tuple = None
-    prior: object = None
     model: object = None
     verbose: int = 0
-    extra: dict = field(default_factory=dict)
 
     def randn(self, *shape):
         return torch.randn(*shape, generator=self.generator,
                            device=self.generator.device)
+
+
+def sum_squares(r):
+    """Sum of squares over the last axis: ``(..., m) -> (...)``."""
+    return (r * r).sum(-1)
 
 
 class Method:

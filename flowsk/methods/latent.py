@@ -12,7 +12,7 @@ batch at once (the objectives are summed, so observations stay independent):
 import torch
 from tqdm.auto import tqdm
 
-from .base import Method
+from .base import Method, sum_squares
 
 
 class Pinv(Method):
@@ -21,10 +21,6 @@ class Pinv(Method):
     def predict(self, problem, Y):
         X = problem.operator.pinv(Y)
         return X.clamp(*problem.data_range) if problem.data_range is not None else X
-
-
-def _sq(r):
-    return (r * r).sum(1)
 
 
 class LatentOptimization(Method):
@@ -73,7 +69,7 @@ class LatentOptimization(Method):
         z = best_z
         if restarts > 1:
             with torch.no_grad():
-                fit = _sq(op(flow.inverse(z)[0]) - Yr).view(restarts, n)
+                fit = sum_squares(op(flow.inverse(z)[0]) - Yr).view(restarts, n)
                 # a restart that never left the flow's non-finite range must not win (argmin
                 # would pick its NaN)
                 fit = torch.where(torch.isfinite(fit), fit, torch.inf)
@@ -83,7 +79,7 @@ class LatentOptimization(Method):
     def predict(self, problem, Y):
         z = self.optimize(problem, Y)
         with torch.no_grad():
-            return problem.flow.inverse(z)[0]
+            return problem.flow.decode(z)
 
 
 class CSGM(LatentOptimization):
@@ -91,7 +87,7 @@ class CSGM(LatentOptimization):
                 "n_restarts": 3}
 
     def objective(self, problem, x, log_px, z, y):
-        return _sq(problem.operator(x) - y) + problem.params["gamma"] * _sq(z)
+        return sum_squares(problem.operator(x) - y) + problem.params["gamma"] * sum_squares(z)
 
 
 class GlowIP(CSGM):
@@ -105,7 +101,7 @@ class MAP(LatentOptimization):
 
     def objective(self, problem, x, log_px, z, y):
         p = problem.params
-        return _sq(problem.operator(x) - y) / (2 * p["sigma"] ** 2) - p["beta"] * log_px
+        return sum_squares(problem.operator(x) - y) / (2 * p["sigma"] ** 2) - p["beta"] * log_px
 
 
 class Likelihood(LatentOptimization):

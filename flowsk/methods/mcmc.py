@@ -20,16 +20,11 @@ whose generator overflows there gives it no mass anyway).
 """
 import math
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._validation import check_int
 from .base import Method, redraw_nonfinite
-
-
-def _check_int(name, value, low):
-    if not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 class LatentMCMC(Method):
@@ -61,9 +56,9 @@ class LatentMCMC(Method):
         if not (isinstance(step_size, (int, float)) and math.isfinite(step_size)
                 and step_size > 0):
             raise ValueError(f"step_size must be > 0, got {step_size!r}")
-        _check_int("burn_in", p["burn_in"], 0)
-        _check_int("thin", p["thin"], 1)
-        _check_int("n_chains", p["n_chains"], 1)
+        check_int("burn_in", p["burn_in"], 0)
+        check_int("thin", p["thin"], 1)
+        check_int("n_chains", p["n_chains"], 1)
         n, d, c = len(Y), problem.flow.latent_dim, p["n_chains"]
         per_chain = -(-n_samples // c)
         y = Y.repeat_interleave(c, 0)
@@ -78,7 +73,7 @@ class LatentMCMC(Method):
                 kept.append(z)
         Z = torch.stack(kept, 1).view(n, c * per_chain, d)[:, :n_samples]
         with torch.no_grad():
-            return problem.flow.inverse(Z.reshape(-1, d))[0].view(n, n_samples, -1)
+            return problem.flow.decode(Z.reshape(-1, d)).view(n, n_samples, -1)
 
 
 class Langevin(LatentMCMC):

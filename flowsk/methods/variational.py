@@ -38,20 +38,12 @@ from sklearn.covariance import EmpiricalCovariance
 from tqdm.auto import tqdm
 
 from .._training import train
+from .._validation import check_int
 from ..nn.base import Chain, standard_normal_log_prob
 from ..nn.builders import build_flow
 from ..nn.multiscale import Logit
 from ..nn.networks import MLP
-from .base import Method, redraw_nonfinite
-
-
-def _sq(r):
-    return (r * r).sum(-1)
-
-
-def _check_int(name, value, low):
-    if not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+from .base import Method, redraw_nonfinite, sum_squares
 
 
 def _clamp_scale(raw):
@@ -158,7 +150,7 @@ class VI(Method):
     def _negative_log_prior(self, problem, z):
         """``-log p(z)`` and the signal ``x`` for ``z (B, dim)``."""
         x = problem.flow.inverse(z)[0]
-        return 0.5 * _sq(z), x
+        return 0.5 * sum_squares(z), x
 
     def _loss(self, problem, q, Y, k):
         """The negative ELBO per observation ``(n,)``, from ``k`` draws each."""
@@ -168,13 +160,13 @@ class VI(Method):
         if p["path_gradient"]:
             log_q = q.log_prob(z)
         nlp, x = self._negative_log_prior(problem, z.reshape(n * k, d))
-        fit = _sq(problem.operator(x).view(n, k, -1) - Y[:, None]) / (2 * p["sigma"] ** 2)
+        fit = sum_squares(problem.operator(x).view(n, k, -1) - Y[:, None]) / (2 * p["sigma"] ** 2)
         return (p["beta"] * log_q + nlp.view(n, k) + fit).mean(1)
 
     def fit_q(self, problem, Y):
         p = problem.params
         for name in ("mc_samples", "n_layers", "hidden_features"):
-            _check_int(name, p[name], 0 if name == "n_layers" else 1)
+            check_int(name, p[name], 0 if name == "n_layers" else 1)
         q = BatchedPreGenerator(len(Y), self._dim(problem), covariance=p["covariance"],
                                 n_layers=p["n_layers"], hidden_features=p["hidden_features"],
                                 init_noise=problem.randn).to(Y.device)
@@ -207,7 +199,7 @@ class VI(Method):
             return
         if p["init"] != "laplace":
             raise ValueError(f"init must be 'laplace' or 'prior', got {p['init']!r}")
-        _check_int("laplace_steps", p["laplace_steps"], 0)
+        check_int("laplace_steps", p["laplace_steps"], 0)
         z = torch.zeros(len(Y), self._dim(problem), device=Y.device)
         inv_var = 1.0 / p["sigma"] ** 2
         with torch.no_grad():
@@ -238,7 +230,7 @@ class VI(Method):
 
     def _map_objective(self, problem, z, Y):
         r = problem.operator(problem.flow.inverse(z)[0]) - Y
-        return 0.5 * _sq(z) + _sq(r) / (2 * problem.params["sigma"] ** 2)
+        return 0.5 * sum_squares(z) + sum_squares(r) / (2 * problem.params["sigma"] ** 2)
 
     def _residual_jacobian(self, problem, z, Y):
         """``r = A(G(z)) - y (n, m)`` and its Jacobian ``(n, m, d)``, one backward pass per
@@ -250,7 +242,7 @@ class VI(Method):
         return r.detach(), torch.stack(rows, 1)
 
     def _to_signal(self, problem, z):
-        return problem.flow.inverse(z)[0]
+        return problem.flow.decode(z)
 
     def sample(self, problem, Y, n_samples):
         q = self.fit_q(problem, Y)
@@ -303,7 +295,7 @@ class AmbientVI(VI):
 
     def _to_signal(self, problem, u):
         logit, _ = self._split(problem.flow)
-        return u if logit is None else logit.inverse(u)[0]
+        return u if logit is None else problem.flow.clip(logit.inverse(u)[0])
 
 
 class ResidualEncoder(torch.nn.Module):
@@ -413,7 +405,7 @@ def amortized_draw(model, flow, Y, eps):
     is standard normal noise in the prior's latent space.
     """
     z = model.inverse(eps, amortized_context(model, Y))[0]
-    return flow.inverse(z)[0]
+    return flow.decode(z)
 
 
 METHODS = {"vi": VI, "ambient-vi": AmbientVI, "amortized-vi": AmortizedVI}

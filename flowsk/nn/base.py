@@ -57,13 +57,17 @@ class Flow(Bijection):
 
     The generator ``G`` of the inverse-problem papers is :meth:`inverse`; because it returns its
     own log-det, ``log p(G(z)) = log N(z) - logdet`` costs one pass (see :meth:`generate`).
+    With a ``data_range`` (a logit layer at the data end), ``G`` maps onto a slightly wider open
+    box (see :class:`~flowsk.nn.multiscale.Logit`) and :meth:`decode` clips its output to the
+    range: densities and gradients use ``G``, signals handed to users ``decode``.
     """
 
-    def __init__(self, body, n_features):
+    def __init__(self, body, n_features, data_range=None):
         super().__init__()
         self.body = body
         self.n_features = n_features
         self.latent_dim = n_features
+        self.data_range = None if data_range is None else tuple(float(v) for v in data_range)
 
     def forward(self, x, context=None):
         return self.body(x, context)
@@ -80,3 +84,11 @@ class Flow(Bijection):
         """``(B, d) -> (x (B, n), log p(x) (B,))`` in one generator pass."""
         x, logdet = self.body.inverse(z, context)
         return x, standard_normal_log_prob(z) - logdet
+
+    def clip(self, x):
+        """``x`` clipped to ``data_range`` (unchanged without one)."""
+        return x if self.data_range is None else x.clamp(*self.data_range)
+
+    def decode(self, z, context=None):
+        """The signals ``G(z)`` clipped to ``data_range``: ``(B, d) -> (B, n)``."""
+        return self.clip(self.inverse(z, context)[0])

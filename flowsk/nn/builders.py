@@ -84,4 +84,4 @@ def build_flow(n_features, *, image_shape=None, architecture="mlp", coupling="af
         layers += [Reshape(image_shape), Multiscale(levels, shapes)]
     else:
         raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-    return Flow(Chain(*layers), n_features)
+    return Flow(Chain(*layers), n_features, data_range)

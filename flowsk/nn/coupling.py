@@ -44,7 +44,7 @@ class Spline(nn.Module):
 
     def __init__(self, n_bins=8, bound=3.0):
         super().__init__()
-        self.n_params = 3 * n_bins - 1
+        self.n_params = splines.n_params(n_bins)
         self.bound = bound
 
     def forward(self, x, params, inverse=False):

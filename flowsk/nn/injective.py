@@ -36,20 +36,11 @@ from torch.nn import functional as F
 
 from .base import Bijection, Chain, Flow, standard_normal_log_prob
 from .builders import image_step, vector_step
-from .linear import InvertibleLinear
+from .linear import InvertibleLinear, channel_mix, spatial_size
 from .multiscale import Logit, Reshape, Squeeze
 
 ACTIVATIONS = ("linear", "relu")
 LOGDET_METHODS = ("bound", "exact", "stochastic")
-
-
-def _mix(x, w):
-    """Channel mixing ``(B, C_in[, H, W]) -> (B, C_out[, H, W])`` by ``w`` ``(C_out, C_in)``."""
-    return F.linear(x, w) if x.dim() == 2 else F.conv2d(x, w[:, :, None, None])
-
-
-def _spatial_size(x):
-    return x[0, 0].numel()
 
 
 def _orthonormal_columns(rows, cols, generator=None):
@@ -132,14 +123,14 @@ class InjectiveLinear(Injection):
     def inverse(self, z, context=None):
         """Generator direction ``(B, in[, H, W]) -> (B, out[, H, W])``."""
         half_logdet = self.weight_half_logdet() if self.training else self.half_logdet
-        logdet = half_logdet * _spatial_size(z)
-        return _mix(z, self.weight), logdet.expand(z.shape[0])
+        logdet = half_logdet * spatial_size(z)
+        return channel_mix(z, self.weight), logdet.expand(z.shape[0])
 
     def forward(self, x, context=None):
         """Pseudo-inverse ``(B, out[, H, W]) -> (B, in[, H, W])``."""
         pinv, half_logdet = self._pinv_and_logdet()
-        logdet = -half_logdet * _spatial_size(x)
-        return _mix(x, pinv), logdet.expand(x.shape[0])
+        logdet = -half_logdet * spatial_size(x)
+        return channel_mix(x, pinv), logdet.expand(x.shape[0])
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -167,15 +158,15 @@ class InjectiveReLULinear(InjectiveLinear):
 
     def inverse(self, z, context=None):
         half_logdet = self.weight_half_logdet() if self.training else self.half_logdet
-        logdet = half_logdet * _spatial_size(z)
-        wz = _mix(z, self.weight)
+        logdet = half_logdet * spatial_size(z)
+        wz = channel_mix(z, self.weight)
         return F.relu(torch.cat([wz, -wz], 1)), logdet.expand(z.shape[0])
 
     def forward(self, x, context=None):
         pinv, half_logdet = self._pinv_and_logdet()
         half = x.shape[1] // 2
-        logdet = -half_logdet * _spatial_size(x)
-        return _mix(x[:, :half] - x[:, half:], pinv), logdet.expand(x.shape[0])
+        logdet = -half_logdet * spatial_size(x)
+        return channel_mix(x[:, :half] - x[:, half:], pinv), logdet.expand(x.shape[0])
 
 
 class Flatten(Bijection):
@@ -233,6 +224,7 @@ class InjectiveFlow(nn.Module):
         self.bijective = bijective
         self.n_features = int(n_features)
         self.latent_dim = int(latent_dim)
+        self.data_range = None if logit is None else (logit.lo, logit.hi)
 
     # -- the parts -------------------------------------------------------------------------
     @property
@@ -273,10 +265,17 @@ class InjectiveFlow(nn.Module):
         x, logdet = self.inverse(z, context)
         return x, standard_normal_log_prob(z) - logdet
 
+    clip = Flow.clip
+
+    def decode(self, z, context=None):
+        """The signals ``G(z)`` clipped to ``data_range``: ``(B, d) -> (B, n)``."""
+        return self.clip(self.inverse(z, context)[0])
+
     def project(self, x, context=None):
-        """``G(G^+(x))``: the projection of ``(B, n_features)`` onto the range."""
+        """``G(G^+(x))``, clipped to ``data_range``: the projection of ``(B, n_features)`` onto
+        the range."""
         z, _ = self.encode_manifold(x, context)
-        return self.decode_manifold(z, context)[0]
+        return self.clip(self.decode_manifold(z, context)[0])
 
     def log_prob(self, x, context=None, logdet="bound", n_probes=16, n_terms=20,
                  n_power_iterations=20, generator=None):
@@ -306,15 +305,9 @@ class InjectiveFlow(nn.Module):
 
     # -- log det(J_g^T J_g) ----------------------------------------------------------------
     def manifold_map(self, context=None):
-        """``g`` as a function ``(B, latent_dim) -> (B, n_features)`` without the logit's
-        clamp (the smooth map whose Jacobian the log-dets describe)."""
-        def g(z):
-            x, _ = self.injective.inverse(z, context)
-            if self.logit is not None:
-                lo, hi, a = self.logit.lo, self.logit.hi, self.logit.alpha
-                x = lo + (hi - lo) * (torch.sigmoid(x) - a) / (1 - 2 * a)
-            return x
-        return g
+        """``g`` as a function ``(B, latent_dim) -> (B, n_features)`` (the smooth map whose
+        Jacobian the log-dets describe)."""
+        return lambda z: self.decode_manifold(z, context)[0]
 
     def exact_half_logdet(self, z, context=None):
         """``0.5 log det(J_g^T J_g)`` at ``z`` ``(B, latent_dim)``, exact (float64 slogdet)."""

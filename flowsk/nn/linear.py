@@ -10,8 +10,14 @@ from torch.nn import functional as F
 from .base import Bijection
 
 
-def _spatial_size(x):
+def spatial_size(x):
+    """Positions per channel of ``(B, C[, H, W])``: 1 for vectors, ``H * W`` for images."""
     return x[0, 0].numel()
+
+
+def channel_mix(x, w):
+    """Channel mixing ``(B, C_in[, H, W]) -> (B, C_out[, H, W])`` by ``w`` ``(C_out, C_in)``."""
+    return F.linear(x, w) if x.dim() == 2 else F.conv2d(x, w[:, :, None, None])
 
 
 def _per_channel(v, x):
@@ -41,12 +47,12 @@ class ActNorm(Bijection):
         if self.training and not bool(self.initialized):
             self._initialize(x)
         z = (x - _per_channel(self.bias, x)) * _per_channel(self.log_scale.exp(), x)
-        logdet = self.log_scale.sum() * _spatial_size(x)
+        logdet = self.log_scale.sum() * spatial_size(x)
         return z, logdet.expand(x.shape[0])
 
     def inverse(self, z, context=None):
         x = z * _per_channel(torch.exp(-self.log_scale), z) + _per_channel(self.bias, z)
-        logdet = -self.log_scale.sum() * _spatial_size(z)
+        logdet = -self.log_scale.sum() * spatial_size(z)
         return x, logdet.expand(z.shape[0])
 
 
@@ -84,18 +90,14 @@ class InvertibleLinear(Bijection):
                 self.weight_inverse.copy_(torch.linalg.inv(self.weight()))
         return super().train(mode)
 
-    @staticmethod
-    def _mix(x, w):
-        return F.linear(x, w) if x.dim() == 2 else F.conv2d(x, w[:, :, None, None])
-
     def forward(self, x, context=None):
-        logdet = self.log_s.sum() * _spatial_size(x)
-        return self._mix(x, self.weight()), logdet.expand(x.shape[0])
+        logdet = self.log_s.sum() * spatial_size(x)
+        return channel_mix(x, self.weight()), logdet.expand(x.shape[0])
 
     def inverse(self, z, context=None):
         w_inv = torch.linalg.inv(self.weight()) if self.training else self.weight_inverse
-        logdet = -self.log_s.sum() * _spatial_size(z)
-        return self._mix(z, w_inv), logdet.expand(z.shape[0])
+        logdet = -self.log_s.sum() * spatial_size(z)
+        return channel_mix(z, w_inv), logdet.expand(z.shape[0])
 
 
 class Permutation(Bijection):
@@ -110,10 +112,6 @@ class Permutation(Bijection):
     @classmethod
     def reverse(cls, channels):
         return cls(torch.arange(channels - 1, -1, -1))
-
-    @classmethod
-    def random(cls, channels, generator=None):
-        return cls(torch.randperm(channels, generator=generator))
 
     @classmethod
     def swap(cls, channels):

@@ -85,8 +85,11 @@ class Multiscale(Bijection):
 class Logit(Bijection):
     """Maps ``[lo, hi]`` to the real line: ``u = a + (1 - 2a)(x - lo)/(hi - lo)``, ``z = logit(u)``.
 
-    ``a = alpha`` keeps the bounds themselves finite. The inverse clamps to ``[lo, hi]``, so
-    generated values stay in range; for in-range data the round trip is exact.
+    ``a = alpha`` keeps the bounds themselves finite. The map is a bijection of the open box
+    ``(lo - delta, hi + delta)``, ``delta = a (hi - lo) / (1 - 2a)``, onto the real line, and its
+    inverse is that whole bijection (no clamp), so log-dets and gradients are those of a smooth
+    map everywhere; :meth:`~flowsk.nn.base.Flow.decode` clips generated signals to
+    ``[lo, hi]``.
     """
 
     def __init__(self, data_range, alpha=0.05):
@@ -104,4 +107,4 @@ class Logit(Bijection):
         u = torch.sigmoid(z)
         x = self.lo + (self.hi - self.lo) * (u - self.alpha) / (1 - 2 * self.alpha)
         logdet = sum_per_sample(F.logsigmoid(z) + F.logsigmoid(-z) - self._log_c)
-        return x.clamp(self.lo, self.hi), logdet
+        return x, logdet

@@ -1,0 +1,95 @@
+"""What every benchmark shares: where results live, the metadata each result file records,
+and the Markdown helpers the README tables are rendered with (``benchmarks/report.py``).
+
+A benchmark script writes ``results/NAME.json`` with :func:`write_results` (its payload plus a
+``meta`` block: date, machine, threads, load, seed, versions, command line) and defines
+``tables() -> {table_name: markdown}`` rendered from that file alone. The README holds each
+table between ``<!-- table MODULE/TABLE_NAME -->`` and ``<!-- /table -->``; ``report.py``
+rewrites those blocks and the test suite fails when one differs from its JSON. Optional
+packages (zuko, normflows, bm3d, dask) are imported inside functions, so ``tables()`` works
+with the test extra alone.
+"""
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import flowsk
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=RESULTS.parent, timeout=10, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=RESULTS.parent,
+                               timeout=10, check=True).stdout.strip()
+        return out.stdout.strip() + ("+changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def metadata(seed, device="cpu", **extra):
+    """The ``meta`` block of a result file: call it when the benchmark starts."""
+    cuda = device != "cpu" and torch.cuda.is_available()
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "load_average_start": round(os.getloadavg()[0], 2),
+        "seed": seed,
+        "flowsk_version": flowsk.__version__,
+        "torch_version": torch.__version__,
+        "commit": _git_commit(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        **extra,
+    }
+
+
+def write_results(name, payload, meta):
+    """Write ``results/NAME.json`` = ``payload`` plus ``meta`` (with the end-of-run load)."""
+    meta = {**meta, "load_average_end": round(os.getloadavg()[0], 2)}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"meta": meta, **payload}, indent=1) + "\n")
+    return path
+
+
+def read_results(name):
+    """The JSON of ``results/NAME.json``."""
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def markdown_table(header, rows):
+    """A Markdown table from a header row and rows of cells (already formatted)."""
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def provenance(meta):
+    """One line naming when and where a result was measured."""
+    load = (f"load {meta['load_average_start']}→{meta['load_average_end']}"
+            if "load_average_end" in meta else "")
+    parts = [f"measured {meta['date']}", meta["machine"],
+             f"device {meta['device']}" if meta.get("device", "cpu") != "cpu" else "CPU",
+             f"{meta['torch_threads']} torch threads", load, f"seed {meta['seed']}",
+             f"flowsk {meta['flowsk_version']}", f"torch {meta['torch_version']}",
+             f"`{meta['command']}`"]
+    return "<sub>" + ", ".join(p for p in parts if p) + "</sub>"
+
+
+def edge_flag(value, grid):
+    """``value`` formatted, with " (edge)" when it is the first or last value of ``grid`` (a
+    hyperparameter search that may want a wider grid)."""
+    grid = list(grid)
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return text + (" (edge)" if len(grid) > 1 and value in (grid[0], grid[-1]) else "")
