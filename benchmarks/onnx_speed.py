@@ -19,13 +19,10 @@ most 0.5x PyTorch's batch-1 latency on the CPU.
     python benchmarks/onnx_speed.py [--threads 2 1] [--max-epochs 1]
     python benchmarks/onnx_speed.py --device cuda   # PyTorch CUDA vs CUDAExecutionProvider
 
-Prints a table and writes ``benchmarks/results/onnx_speed.json`` (one entry per device, so CPU
-and CUDA runs are kept side by side).
+Writes ``benchmarks/results/onnx_speed-<device>.json`` (a file per device, so CPU and CUDA
+runs are kept side by side) and prints its table.
 """
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,14 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import markdown_table, metadata, provenance, read_results, write_results
 
-import flowsk
 from exporters import check_onnx, to_onnx
 from exporters.onnx import FlowDecoder, _cpu_copy
 from flowsk import FlowPrior
 from flowsk.datasets import load_digit_images
 
-RESULTS = Path(__file__).resolve().parent / "results" / "onnx_speed.json"
 TARGET = 0.5
 MODELS = {"mlp (vector, 64)": None, "glow (image, 1x8x8)": (1, 8, 8)}
 
@@ -137,31 +133,6 @@ def bench_model(name, prior, path, device, threads, n_latency, n_throughput):
     return row
 
 
-def print_table(rows):
-    head = (f"{'model':<22}{'dev':>5}{'thr':>4} | {'torch b1 ms':>11}{'ort b1 ms':>10}"
-            f"{'ratio':>7} | {'torch b256/s':>13}{'ort b256/s':>11}{'ratio':>7} | {'err':>8}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        print(f"{r['model']:<22}{r['device']:>5}{r['threads'] or '-':>4} | "
-              f"{r['torch_b1_ms']:>11.3f}{r['ort_b1_ms']:>10.3f}{r['ratio_b1']:>7.3f} | "
-              f"{r['torch_b256_samples_per_s']:>13.0f}{r['ort_b256_samples_per_s']:>11.0f}"
-              f"{r['ratio_b256']:>7.3f} | {r['check_onnx_max_abs_error']:>8.1e}")
-    print("ratio = onnxruntime time / PyTorch time (lower is better for onnxruntime); "
-          "err = check_onnx max abs error")
-
-
-def environment():
-    import onnxruntime as ort
-    env = {"python": platform.python_version(), "platform": platform.platform(),
-           "processor": platform.processor() or platform.machine(),
-           "cpu_count": os.cpu_count(), "torch": torch.__version__,
-           "onnxruntime": ort.__version__, "flowsk": flowsk.__version__}
-    if hasattr(os, "getloadavg"):
-        env["load_average_1min_at_start"] = os.getloadavg()[0]
-    return env
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -171,11 +142,9 @@ def main(argv=None):
     parser.add_argument("--n-latency", type=int, default=400, help="batch-1 calls per runtime")
     parser.add_argument("--n-throughput", type=int, default=40,
                         help="batch-256 calls per runtime")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-
+    import onnxruntime as ort
     if args.device == "cuda":
-        import onnxruntime as ort
         missing = [what for what, ok in (
             ("PyTorch CUDA", torch.cuda.is_available()),
             ("onnxruntime CUDAExecutionProvider",
@@ -183,7 +152,9 @@ def main(argv=None):
         if missing:
             print(f"skipped: no {' and no '.join(missing)} on this machine")
             return 0
-    env = environment()
+    threads = " and ".join(map(str, args.threads)) if args.device == "cpu" else None
+    meta = metadata(seed=0, device=args.device, torch_threads=threads or torch.get_num_threads(),
+                    onnxruntime_version=ort.__version__)
     priors = fit_priors(args.max_epochs)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,40 +166,46 @@ def main(argv=None):
                 rows.append(bench_model(name, prior, path, args.device, threads,
                                         args.n_latency, args.n_throughput))
                 print(f"timed {name}, threads={threads}", flush=True)
-    if hasattr(os, "getloadavg"):
-        env["load_average_1min_at_end"] = os.getloadavg()[0]
-
-    print()
-    if args.device == "cpu":
-        print(f"CPU, equal threads for both runtimes: torch.set_num_threads(n) and onnxruntime "
-              f"SessionOptions.intra_op_num_threads = n (inter_op 1, no spinning), "
-              f"n in {args.threads}")
-    else:
-        print("CUDA: PyTorch eager on the GPU vs onnxruntime CUDAExecutionProvider (TF32 off); "
-              "host arrays in and out for both")
-    print(f"{env['cpu_count']} CPUs, 1-min load average {env.get('load_average_1min_at_start')}"
-          f" at start, {env.get('load_average_1min_at_end')} at end")
-    print_table(rows)
-    verdict = None
-    if args.device == "cpu":
-        worst = max(r["ratio_b1"] for r in rows)
-        verdict = "met" if worst <= TARGET else "missed"
-        print(f"target onnxruntime <= {TARGET}x PyTorch batch-1 latency on CPU: {verdict} "
-              f"(worst ratio {worst:.3f})")
-
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results[args.device] = {
-        "rows": rows, "environment": env, "max_epochs": args.max_epochs,
-        "n_latency": args.n_latency, "n_throughput": args.n_throughput,
-        "target": f"onnxruntime batch-1 latency <= {TARGET}x PyTorch eager (CPU)",
-        "target_met": verdict, "timing": "median time per call, host NumPy arrays in and out, "
-        "the two runtimes alternating in 10 rounds; calls_b1 / calls_b256 are the calls per "
-        "runtime (fewer than asked where PyTorch would have taken over a minute)",
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out = {"device": args.device, "rows": rows, "max_epochs": args.max_epochs,
+           "n_latency": args.n_latency, "n_throughput": args.n_throughput, "target": TARGET}
+    print(f"wrote {write_results(f'onnx_speed-{args.device}', out, meta)}\n")
+    print(tables()[args.device])
     return 0
+
+
+def _devices():
+    """The devices with a results file, CPU first."""
+    return [d for d in ("cpu", "cuda")
+            if (Path(__file__).resolve().parent / "results" / f"onnx_speed-{d}.json").exists()]
+
+
+def tables():
+    """One table per device measured: batch-1 latency and batch-256 throughput of both
+    runtimes, their ratio (onnxruntime / PyTorch time), the export's error and, on the CPU, the
+    batch-1 target."""
+    out = {}
+    for device in _devices():
+        r = read_results(f"onnx_speed-{device}")
+        rows = [[f"`{row['model'].split()[0]}` {row['model'].split(' ', 1)[1]}",
+                 row["threads"] or "–", f"{row['torch_b1_ms']:.2f}", f"{row['ort_b1_ms']:.2f}",
+                 f"{row['ratio_b1']:.2f}", f"{row['torch_b256_samples_per_s']:,.0f}",
+                 f"{row['ort_b256_samples_per_s']:,.0f}", f"{row['ratio_b256']:.2f}",
+                 f"{row['check_onnx_max_abs_error']:.1e}"] for row in r["rows"]]
+        table = markdown_table(
+            ["prior", "threads", "PyTorch batch-1 ms", "onnxruntime batch-1 ms", "ratio",
+             "PyTorch batch-256 samples/s", "onnxruntime batch-256 samples/s", "ratio",
+             "`check_onnx` max abs error"], rows)
+        ratios = [row["ratio_b1"] for row in r["rows"]]
+        lines = [table, ""]
+        if device == "cpu":
+            verdict = "met" if max(ratios) <= r["target"] else "missed"
+            lines += [f"Batch-1 ratio {min(ratios):.2f}–{max(ratios):.2f}; target ≤ "
+                      f"{r['target']}: {verdict}.", ""]
+        meta = r["meta"]
+        lines.append(provenance(meta).replace(
+            "</sub>", f", onnxruntime {meta['onnxruntime_version']}</sub>"))
+        out[device] = "\n".join(lines)
+    return out
 
 
 if __name__ == "__main__":

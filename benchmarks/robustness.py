@@ -15,17 +15,17 @@ digits, photo patches
 inverse_transform: median OOD score of the latent codes, %Inf of the round trip, and its
 largest error.
 
-Prints the tables and writes results/robustness.json.
+Prints the tables and writes results/robustness.json (results/robustness_quick.json with
+``--quick``).
 
     python benchmarks/robustness.py [--quick]
 """
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _common import markdown_table, metadata, provenance, read_results, write_results
 from sklearn.model_selection import train_test_split
 
 from flowsk import FlowPrior, InverseSolver
@@ -35,6 +35,8 @@ from flowsk.metrics import inf_rate, ood_score
 from flowsk.operators import MatrixOperator
 
 SHIFT = (0.8, -0.8)
+N_DRAWS = 10
+TEMPERATURES = (1, 2, 4)
 
 
 def layer_variances(solver, Y, n_draws, seed=0):
@@ -65,9 +67,10 @@ def layer_variances(solver, Y, n_draws, seed=0):
 
 def toy(quick):
     n_train, epochs, hidden = (1000, 10, 32) if quick else (4000, 30, 64)
+    n_conditions = 500
     X, Y = make_mixing_toy(n_train, random_state=0)
-    X_in, Y_in = make_mixing_toy(500, random_state=1)
-    _, Y_ood = make_mixing_toy(500, shift=SHIFT, random_state=1)
+    X_in, Y_in = make_mixing_toy(n_conditions, random_state=1)
+    _, Y_ood = make_mixing_toy(n_conditions, shift=SHIFT, random_state=1)
     results = {}
     for coupling in ("affine", "robust-spline"):
         start = time.perf_counter()
@@ -81,25 +84,27 @@ def toy(quick):
         row = {"fit_seconds": time.perf_counter() - start}
         for name, Yq in (("in", Y_in), ("shifted", Y_ood)):
             with np.errstate(invalid="ignore"):
-                S = solver.sample_posterior(Yq, 10)
+                S = solver.sample_posterior(Yq, N_DRAWS)
             finite = np.isfinite(S).all(-1)
             row[name] = {
-                "inf_rate": inf_rate(solver, Yq),
+                "inf_rate": inf_rate(solver, Yq, n_draws=N_DRAWS),
                 "outside_box": float(np.mean(~finite | (np.abs(S) > 1).any(-1))),
                 "max_abs_finite": float(np.abs(S[finite]).max()),
                 "ood_score_median": float(np.median(ood_score(solver, Yq))),
                 "mse_to_truth": float(np.mean((S.mean(1) - X_in) ** 2))
                 if finite.all() else None,
-                "layer_variance": layer_variances(solver, Yq, 10),
+                "layer_variance": layer_variances(solver, Yq, N_DRAWS),
             }
         results[coupling] = row
-    return results
+    return {"protocol": {"n_train": n_train, "epochs": epochs, "hidden_features": hidden,
+                         "n_conditions": n_conditions, "n_draws": N_DRAWS, "shift": list(SHIFT)},
+            "couplings": results}
 
 
 def digits(quick):
     X, _ = load_digit_images()
     X_train, X_test = train_test_split(X, test_size=0.25, random_state=0)
-    n_ood = 200 if quick else 500
+    n_ood, n_samples, epochs = (200, 1000, 1) if quick else (500, 1000, 8)
     patches, _ = load_image_patches(8, n_patches=n_ood, random_state=0)
     inputs = {"digits": X_test[:n_ood], "patches": patches,
               "noise": np.random.RandomState(0).uniform(0, 1, (n_ood, 64))}
@@ -109,15 +114,15 @@ def digits(quick):
     for coupling in couplings:
         start = time.perf_counter()
         prior = FlowPrior(architecture="mlp", coupling=coupling, n_steps=4, hidden_features=64,
-                          dequantize=1 / 16, max_epochs=1 if quick else 8, random_state=0,
+                          dequantize=1 / 16, max_epochs=epochs, random_state=0,
                           on_nonfinite="warn").fit(X_train)
         row = {"fit_seconds": time.perf_counter() - start, "test_nll": -prior.score(X_test),
                "temperature": {}, "inputs": {}}
-        for t in (1, 2, 4):
+        for t in TEMPERATURES:
             with np.errstate(invalid="ignore"):
-                S = prior.sample(1000, temperature=t, random_state=0)
+                S = prior.sample(n_samples, temperature=t, random_state=0)
             row["temperature"][t] = {
-                "inf_rate": inf_rate(prior, n_draws=1000, temperature=t, random_state=0),
+                "inf_rate": inf_rate(prior, n_draws=n_samples, temperature=t, random_state=0),
                 "far_outside": float(np.mean(~np.isfinite(S).all(1)
                                              | ((S < -1) | (S > 2)).any(1)))}
         for name, D in inputs.items():
@@ -129,12 +134,8 @@ def digits(quick):
                                    "inf_rate": inf_rate(prior, D),
                                    "max_round_trip_error": float(np.nanmax(err))}
         results[coupling] = row
-    return results
-
-
-def fmt(v):
-    return "nan" if v is None or not np.isfinite(v) else (
-        f"{v:.3g}" if abs(v) < 1e4 else f"{v:.1e}")
+    return {"protocol": {"epochs": epochs, "n_samples": n_samples, "n_inputs": n_ood},
+            "couplings": results}
 
 
 def main():
@@ -142,44 +143,77 @@ def main():
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the networks are tiny: threads cost more than they save
+    meta = metadata(seed=0, quick=args.quick)
     start = time.perf_counter()
-    results = {"toy": toy(args.quick)}
-    print("2-D toy (10 draws per y, 500 y)")
-    print(f"{'coupling':14s} {'y':8s} {'%Inf':>6s} {'%outside':>9s} {'max|x|':>9s} "
-          f"{'OOD score':>9s} {'MSE':>7s}")
-    for coupling, row in results["toy"].items():
-        for name in ("in", "shifted"):
-            r = row[name]
-            print(f"{coupling:14s} {name:8s} {100 * r['inf_rate']:6.1f} "
-                  f"{100 * r['outside_box']:9.1f} {fmt(r['max_abs_finite']):>9s} "
-                  f"{fmt(r['ood_score_median']):>9s} {fmt(r['mse_to_truth']):>7s}")
-    print("\nfeature variance per layer of the sampling pass (in / shifted)")
-    for coupling, row in results["toy"].items():
-        print(coupling)
-        for (layer, v_in), (_, v_ood) in zip(row["in"]["layer_variance"],
-                                             row["shifted"]["layer_variance"]):
-            print(f"  {layer:22s} {fmt(v_in):>9s} {fmt(v_ood):>9s}")
+    results = {"toy": toy(args.quick), "digits": digits(args.quick),
+               "seconds": time.perf_counter() - start}
+    name = "robustness_quick" if args.quick else "robustness"
+    print(f"wrote {write_results(name, results, meta)}\n")
+    for table in tables(name).values():
+        print(table + "\n")
 
-    results["digits"] = digits(args.quick)
-    print("\ndigits: samples at temperature T (1000 each)")
-    print(f"{'coupling':14s} {'NLL':>7s} " + " ".join(
-        f"{'%Inf T' + str(t):>8s} {'%far T' + str(t):>8s}" for t in (1, 2, 4)))
-    for coupling, row in results["digits"].items():
-        cells = " ".join(f"{100 * row['temperature'][t]['inf_rate']:8.1f} "
-                         f"{100 * row['temperature'][t]['far_outside']:8.1f}" for t in (1, 2, 4))
-        print(f"{coupling:14s} {row['test_nll']:7.1f} {cells}")
-    print("\ndigits: inputs through transform / inverse_transform")
-    print(f"{'coupling':14s} {'input':8s} {'OOD score':>9s} {'%Inf':>6s} {'max err':>9s}")
-    for coupling, row in results["digits"].items():
-        for name, r in row["inputs"].items():
-            print(f"{coupling:14s} {name:8s} {fmt(r['ood_score_median']):>9s} "
-                  f"{100 * r['inf_rate']:6.1f} {fmt(r['max_round_trip_error']):>9s}")
-    results["seconds"] = time.perf_counter() - start
-    results["quick"] = args.quick
-    print(f"\ntotal {results['seconds']:.0f} s")
-    out = Path(__file__).parent / "results" / ("robustness_quick.json" if args.quick
-                                               else "robustness.json")
-    out.write_text(json.dumps(results, indent=1))
+
+def _number(v):
+    """3 significant digits; "overflow" for a non-finite value, "–" for none."""
+    if v is None:
+        return "–"
+    if not np.isfinite(v):
+        return "overflow"
+    if 1e-3 <= abs(v) < 1e4 or v == 0:
+        return f"{v:.3g}"
+    mantissa, exponent = f"{v:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _percent(share):
+    return f"{100 * share:.4g} %"
+
+
+def tables(name="robustness"):
+    """The toy table (``toy``), the digits samples by temperature (``temperature``) and the
+    digits inputs' round trips (``inputs``), from ``results/NAME.json``."""
+    r = read_results(name)
+    toy, dig = r["toy"], r["digits"]
+    p = toy["protocol"]
+    rows = []
+    for coupling, row in toy["couplings"].items():
+        for condition in ("in", "shifted"):
+            c = row[condition]
+            rows.append([coupling, condition, _percent(c["inf_rate"]),
+                         _percent(c["outside_box"]), _number(c["max_abs_finite"]),
+                         _number(np.nanmax([v for _, v in c["layer_variance"]])),
+                         _number(c["ood_score_median"]), _number(c["mse_to_truth"])])
+    toy_table = markdown_table(
+        ["coupling", "condition", "%Inf", "draws outside [−1, 1]²", "max \\|x\\|",
+         "max feature variance", "median `ood_score`", "MSE of the draws' mean"], rows)
+    toy_note = (f"<sub>{p['n_draws']} draws for each of {p['n_conditions']} conditions, in "
+                f"distribution and shifted by {p['shift']}; priors "
+                f"and conditional flows fitted for {p['epochs']} epochs on {p['n_train']} "
+                f"pairs; max feature variance: the largest over the layers of the sampling "
+                f"pass</sub>")
+    q, dig = dig["protocol"], dig["couplings"]
+    couplings = list(dig)
+    temps = list(dig[couplings[0]]["temperature"])
+    temp_table = markdown_table(
+        ["coupling", "test log-likelihood, nats"]
+        + [f"T = {t}: %Inf / far outside" for t in temps],
+        [[c, f"{-dig[c]['test_nll']:.1f}"]
+         + [f"{_percent(dig[c]['temperature'][t]['inf_rate'])} / "
+            f"{_percent(dig[c]['temperature'][t]['far_outside'])}" for t in temps]
+         for c in couplings])
+    temp_note = (f"<sub>{q['n_samples']} samples per temperature, priors fitted for "
+                 f"{q['epochs']} epochs; far outside: a pixel beyond [−1, 2]</sub>")
+    names = list(dig[couplings[0]]["inputs"])
+    input_table = markdown_table(
+        ["coupling"] + [f"{n}: median `ood_score` / %Inf / max round-trip error"
+                        for n in names],
+        [[c] + [f"{_number(i['ood_score_median'])} / {_percent(i['inf_rate'])} / "
+                f"{_number(i['max_round_trip_error'])}"
+                for i in (dig[c]["inputs"][n] for n in names)] for c in couplings])
+    input_note = f"<sub>{q['n_inputs']} inputs of each kind</sub>"
+    return {"toy": f"{toy_table}\n\n{toy_note}",
+            "temperature": f"{temp_table}\n\n{temp_note}",
+            "inputs": f"{input_table}\n\n{input_note}\n\n{provenance(r['meta'])}"}
 
 
 if __name__ == "__main__":
