@@ -154,12 +154,15 @@ def main():
 
 
 def _number(v):
-    """3 significant digits; "overflow" for a non-finite value, "–" for none."""
+    """3 significant digits (whole numbers from 1000 on, powers of ten beyond a million);
+    "overflow" for a non-finite value, "–" for none."""
     if v is None:
         return "–"
     if not np.isfinite(v):
         return "overflow"
-    if 1e-3 <= abs(v) < 1e4 or v == 0:
+    if 999.5 <= abs(v) < 1e6:
+        return f"{v:.0f}"
+    if 1e-3 <= abs(v) < 999.5 or v == 0:
         return f"{v:.3g}"
     mantissa, exponent = f"{v:.1e}".split("e")
     return f"{mantissa}e{int(exponent)}"
