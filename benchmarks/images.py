@@ -60,7 +60,7 @@ GMM_COMPONENTS = {16: (1, 4, 16), 32: (1, 2, 4)}
 GMM_MAX_ITER = {16: 50, 32: 30}
 INVERSE_PRIOR = ("glow", "affine")
 N_TEST, N_VAL, N_POSTERIOR = 200, 20, 8
-GLOWIP = {"gamma": [0.0, 0.03, 0.3], "n_iter": [100]}
+GLOWIP = {"gamma": [0.01, 0.1], "n_iter": [100]}
 LANGEVIN = {"n_samples": 16, "method_params": {"burn_in": 200, "thin": 4, "n_chains": 4}}
 
 
@@ -310,7 +310,7 @@ def classical_methods(task, noise):
     f = (0.5, 0.75, 1.0, 1.5)
     if task == "denoise":
         return {
-            "bm3d": ([noise * v for v in f], bm3d),
+            "bm3d": ([noise * v for v in (0.75, 1.0, 1.5)], bm3d),
             "nl_means": ([noise * v for v in (0.4, 0.6, 0.8, 1.0)],
                          lambda img, mask, h: restoration.denoise_nl_means(
                              img, patch_size=5, patch_distance=6, h=h, sigma=noise)),
@@ -324,7 +324,7 @@ def classical_methods(task, noise):
                                lambda img, mask, _: restoration.inpaint_biharmonic(img, mask))}
     if task == "deblur":
         return {
-            "wiener": ([0.003, 0.01, 0.03, 0.1],
+            "wiener": ([0.01, 0.03, 0.1, 0.3, 1.0],
                        lambda img, mask, b: restoration.wiener(img, BLUR, b, clip=False)),
             "richardson_lucy": ([5, 10, 20, 40], lambda img, mask, n: restoration.richardson_lucy(
                 np.clip(img, 0, 1), BLUR, num_iter=n, clip=False)),
