@@ -111,19 +111,20 @@ def cached(name, params, fit):
 
 
 # -- density -------------------------------------------------------------------------------------
-def flow_prior(size, architecture, coupling, quick=False):
-    """``(prior, info)``: a FlowPrior fitted on the training split (cached)."""
+def flow_prior(size, architecture, coupling, quick=False, epochs=None):
+    """``(prior, info)``: a FlowPrior fitted on the training split for ``epochs`` (default
+    ``EPOCHS[size]``), cached."""
     X_fit, _, _, shape = photo_data(size, quick)
+    epochs = 1 if quick else epochs or EPOCHS[size]
     prior = FlowPrior(image_shape=shape, architecture=architecture, coupling=coupling,
-                      data_range=(0, 1), dequantize=1 / 256,
-                      max_epochs=1 if quick else EPOCHS[size], device="cpu",
+                      data_range=(0, 1), dequantize=1 / 256, max_epochs=epochs, device="cpu",
                       random_state=SEED)
 
     def fit():
         _, wall, cpu = timed(prior.fit, centres(X_fit))
         return prior, {"fit_seconds": wall, "cpu_seconds": cpu, "n_fit": len(X_fit)}
 
-    name = f"prior-images{size}-{architecture}-{coupling}{'-quick' if quick else ''}"
+    name = f"prior-images{size}-{architecture}-{coupling}-{epochs}ep"
     return cached(name, {**prior.get_params(), "n_fit": len(X_fit)}, fit)
 
 
@@ -229,21 +230,26 @@ def fit_normflows(size, reference, quick=False):
     return bpd, {"fit_seconds": wall, "cpu_seconds": cpu, "n_params": n_params(model)}
 
 
-def run_density(size, quick):
-    meta = metadata(seed=SEED, size=size, quick=quick, epochs=1 if quick else EPOCHS[size])
+def run_density(size, quick, epochs=None, models=None):
+    """The density table at ``size``; ``epochs`` / ``models`` ("arch/coupling" strings) other
+    than the defaults write results/images-density{size}-{epochs}ep.json."""
+    default = epochs in (None, EPOCHS[size]) and models is None
+    epochs = epochs or EPOCHS[size]
+    meta = metadata(seed=SEED, size=size, quick=quick, epochs=1 if quick else epochs)
     torch.set_num_threads(1)
     X_fit, X_val, X_test, shape = photo_data(size, quick)
     X_test_d = dequantized(X_test, 3)
     rows = []
-    for arch, coupling in MODELS[size]:
-        prior, info = flow_prior(size, arch, coupling, quick)
+    models = MODELS[size] if models is None else [tuple(m.split("/")) for m in models]
+    for arch, coupling in models:
+        prior, info = flow_prior(size, arch, coupling, quick, epochs)
         bpd = prior.bits_per_dim(X_test_d, n_bits=8)
         rows.append({"model": f"flowsk {arch} / {coupling}", "test_bpd": float(bpd),
                      "val_bpd": float(prior.bits_per_dim(dequantized(X_val, 2), n_bits=8)),
                      "n_params": n_params(prior.flow_), "epochs": len(prior.history_[
                          "train_loss"]), "best_epoch": int(prior.best_epoch_) + 1, **info})
         print(rows[-1], flush=True)
-    reference, _ = flow_prior(size, "glow", "affine", quick)
+    reference, _ = flow_prior(size, "glow", "affine", quick, epochs)
     bpd, info = fit_normflows(size, reference, quick)
     rows.append({"model": "normflows Glow", "test_bpd": bpd, "epochs": reference.max_epochs,
                  **info})
@@ -256,7 +262,7 @@ def run_density(size, quick):
     print(rows[-1], flush=True)
     payload = {"size": size, "image_shape": list(shape), "n_fit": len(X_fit),
                "n_val": len(X_val), "n_test": len(X_test), "rows": rows}
-    write_results(f"images-density{size}", payload, meta)
+    write_results(f"images-density{size}" + ("" if default else f"-{epochs}ep"), payload, meta)
 
 
 # -- inverse problems ----------------------------------------------------------------------------
@@ -443,8 +449,7 @@ def write_figure(figure):
 # -- tables --------------------------------------------------------------------------------------
 def tables():
     out = {}
-    density = [read_results(f"images-density{s}") for s in (16, 32)
-               if (RESULTS / f"images-density{s}.json").exists()]
+    density = [read_results(path.stem) for path in sorted(RESULTS.glob("images-density*.json"))]
     if density:
         rows = []
         for res in density:
@@ -507,10 +512,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("part", choices=("density", "inverse"))
     parser.add_argument("--size", type=int, choices=(16, 32), default=16)
+    parser.add_argument("--epochs", type=int, help="density: the epoch budget")
+    parser.add_argument("--models", nargs="+", help="density: architecture/coupling, ...")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.part == "density":
-        run_density(args.size, args.quick)
+        run_density(args.size, args.quick, args.epochs, args.models)
     else:
         run_inverse(args.quick)
 
