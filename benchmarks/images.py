@@ -438,7 +438,8 @@ def write_figure(figure):
             ax.imshow(img.reshape(side, side), cmap="gray", vmin=0, vmax=None if c == 4 else 1)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(label if r else f"{cols[c]}\n{label}", fontsize=7)
+            title = label if c in (2, 3) else cols[c]
+            ax.set_title(f"{cols[c]}\n{title}" if r == 0 and c in (2, 3) else title, fontsize=7)
             if c == 0:
                 ax.set_ylabel(task, fontsize=8)
     fig.tight_layout()
