@@ -24,7 +24,7 @@ best flowsk / posterior std for the first test patch of each task.
 
 Priors and GMMs are cached as results/*.joblib (refitted when their settings change).
 
-    python benchmarks/images.py density --size 16 [--quick]
+    python benchmarks/images.py density --size 16 [--epochs N --models glow/affine ...] [--quick]
     python benchmarks/images.py inverse [--quick]
 """
 import argparse
