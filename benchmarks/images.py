@@ -1,0 +1,527 @@
+"""Quality at image size (issue protocol): density and inverse problems on grey photo patches.
+
+Data: :func:`flowsk.datasets.load_photo_patches`, 8-bit grey patches; the train photographs
+give the training tiles (a shuffled 10 % of them, at least 300, held out as the validation
+split that every choice below is made on), the test photographs every score. 32x32 training
+tiles are doubled by their mirror images (2,379 tiles are few for a 1024-D density).
+
+``density --size S``: test bits per dimension in the image-flow convention (8-bit data on
+[0, 1]: ``-log2 p(x) / D + 8`` with ``x = (k + u) / 256``, ``u ~ U[0, 1)``; every model trains
+on the same dequantization: ``FlowPrior`` gets the bin centres ``(k + 0.5) / 256`` and
+``dequantize=1/256``) of flowsk's architectures and couplings, trained for a fixed epoch budget
+(``EPOCHS``, best validation epoch kept), against ``GaussianMixture(n, "full")`` (n picked on
+the validation split) and normflows' Glow of the same levels, steps and width with the same
+logit, dequantization, epochs, batch size and learning rate. Fit wall and CPU seconds.
+
+``inverse``: 200 test patches of 32x32 (noise 0.01 unless stated): denoising sigma 25/255,
+random 50 % pixel inpainting, a centre 4x4 box, Gaussian deblurring (sigma 1.5 px, 9x9 kernel)
+and 2x super-resolution (mean pooling). Classical baselines, each with its parameter picked by
+mean PSNR on ``N_VAL`` validation patches; pinv; the exact posterior mean of the GMM above;
+flowsk's ``glowip`` (gamma by GridSearchCV on the same patches) with the ``glow``/affine prior of
+the density run, and ``langevin`` posterior draws (mean, per-pixel 90 % coverage) on the first
+``N_POSTERIOR`` test patches. Writes results/images.png: truth / measurement / best classical /
+best flowsk / posterior std for the first test patch of each task.
+
+Priors and GMMs are cached as results/*.joblib (refitted when their settings change).
+
+    python benchmarks/images.py density --size 16 [--epochs N --models glow/affine ...] [--quick]
+    python benchmarks/images.py inverse [--quick]
+"""
+import argparse
+import math
+import time
+
+import joblib
+import numpy as np
+import torch
+from _common import (
+    RESULTS,
+    edge_flag,
+    markdown_table,
+    metadata,
+    provenance,
+    read_results,
+    write_results,
+)
+
+from flowsk import FlowPrior, InverseSolver
+from flowsk.datasets import load_photo_patches
+from flowsk.metrics import bits_per_dim, psnr, ssim
+
+SEED = 0
+LOGIT_ALPHA = 0.05  # FlowPrior's logit squeeze, applied to normflows' Glow as well
+#: The fixed training budget per patch size (2 shared CPU cores; every model gets the same).
+EPOCHS = {16: 4, 32: 5}
+#: (architecture, coupling) of the flowsk priors per patch size.
+MODELS = {16: [("glow", "affine"), ("glow", "additive"), ("glow", "spline"),
+               ("glow", "robust-spline"), ("realnvp", "affine"), ("chavez", "affine")],
+          32: [("glow", "affine")]}  # what the CPU budget allowed at 32x32
+GMM_COMPONENTS = {16: (1, 4, 16), 32: (1, 2, 4)}
+GMM_MAX_ITER = {16: 50, 32: 30}
+INVERSE_PRIOR = ("glow", "affine")
+N_TEST, N_VAL, N_POSTERIOR = 200, 20, 8
+GLOWIP = {"gamma": [0.01, 0.1], "n_iter": [100]}
+LANGEVIN = {"n_samples": 16, "method_params": {"burn_in": 200, "thin": 4, "n_chains": 4}}
+
+
+# -- data ----------------------------------------------------------------------------------------
+def photo_data(size, quick=False):
+    """``(X_fit, X_val, X_test, shape)`` on the 8-bit lattice ``k / 255``."""
+    X, shape = load_photo_patches(size, split="train", random_state=SEED)
+    X_test, _ = load_photo_patches(size, split="test", random_state=SEED)
+    n_val = max(300, len(X) // 10)
+    X_val, X_fit = X[:n_val], X[n_val:]
+    if size >= 32:  # mirror images double the few large tiles
+        X_fit = np.concatenate([X_fit, X_fit.reshape(-1, size, size)[:, :, ::-1]
+                                .reshape(len(X_fit), -1)])
+    if quick:
+        X_fit, X_val, X_test = X_fit[:256], X_val[:64], X_test[:64]
+    return X_fit, X_val, X_test, shape
+
+
+def centres(X):
+    """Lattice ``k / 255`` -> bin centres ``(k + 0.5) / 256``."""
+    return (np.round(X * 255) + 0.5) / 256
+
+
+def dequantized(X, seed):
+    """Lattice ``k / 255`` -> ``(k + u) / 256``, ``u ~ U[0, 1)``: the points densities are
+    scored on."""
+    return (np.round(X * 255) + np.random.RandomState(seed).uniform(size=X.shape)) / 256
+
+
+def timed(fn, *args, **kwargs):
+    """``(fn(*args, **kwargs), wall seconds, CPU seconds)``."""
+    t, c = time.time(), time.process_time()
+    out = fn(*args, **kwargs)
+    return out, time.time() - t, time.process_time() - c
+
+
+def cached(name, params, fit):
+    """``fit() -> (model, info)`` cached as results/NAME.joblib, reused while ``params``
+    (a dict) is unchanged."""
+    path = RESULTS / f"{name}.joblib"
+    if path.exists():
+        saved_params, out = joblib.load(path)
+        if saved_params == params:
+            return out
+    out = fit()
+    joblib.dump((params, out), path)
+    return out
+
+
+# -- density -------------------------------------------------------------------------------------
+def flow_prior(size, architecture, coupling, quick=False, epochs=None):
+    """``(prior, info)``: a FlowPrior fitted on the training split for ``epochs`` (default
+    ``EPOCHS[size]``), cached."""
+    X_fit, _, _, shape = photo_data(size, quick)
+    epochs = 1 if quick else epochs or EPOCHS[size]
+    prior = FlowPrior(image_shape=shape, architecture=architecture, coupling=coupling,
+                      data_range=(0, 1), dequantize=1 / 256, max_epochs=epochs, device="cpu",
+                      random_state=SEED)
+
+    def fit():
+        _, wall, cpu = timed(prior.fit, centres(X_fit))
+        return prior, {"fit_seconds": wall, "cpu_seconds": cpu, "n_fit": len(X_fit)}
+
+    name = f"prior-images{size}-{architecture}-{coupling}-{epochs}ep"
+    return cached(name, {**prior.get_params(), "n_fit": len(X_fit)}, fit)
+
+
+def n_params(module):
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def best_gmm(size, quick=False):
+    """``(gmm, info)``: GaussianMixture(n, "full") with n picked by validation likelihood."""
+    from sklearn.mixture import GaussianMixture
+    X_fit, X_val, _, _ = photo_data(size, quick)
+    grid = GMM_COMPONENTS[size][:2] if quick else GMM_COMPONENTS[size]
+
+    def fit():
+        fits = {}
+        for n in grid:
+            gmm = GaussianMixture(n, covariance_type="full", max_iter=GMM_MAX_ITER[size],
+                                  random_state=SEED)
+            _, wall, cpu = timed(gmm.fit, dequantized(X_fit, 1))
+            fits[n] = (gmm, gmm.score(dequantized(X_val, 2)), wall, cpu)
+            print(f"  GMM {n}: validation {fits[n][1]:.1f} nats, {wall:.0f} s", flush=True)
+        n = max(fits, key=lambda k: fits[k][1])
+        gmm, val, wall, cpu = fits[n]
+        return gmm, {"n_components": n, "grid": list(grid), "fit_seconds": wall,
+                     "cpu_seconds": cpu, "val_loglik": {str(k): v[1] for k, v in fits.items()}}
+
+    name = f"gmm-images{size}{'-quick' if quick else ''}"
+    return cached(name, {"grid": list(grid), "max_iter": GMM_MAX_ITER[size],
+                         "n_fit": len(X_fit)}, fit)
+
+
+def _logit(X):
+    """FlowPrior's logit of ``X`` in [0, 1] and its log-det per row, as float32 tensors."""
+    u = LOGIT_ALPHA + (1 - 2 * LOGIT_ALPHA) * torch.as_tensor(X, dtype=torch.float32)
+    z = torch.log(u) - torch.log1p(-u)
+    return z, (math.log(1 - 2 * LOGIT_ALPHA) - torch.log(u) - torch.log1p(-u)).sum(1)
+
+
+def normflows_glow(shape, n_levels, n_steps, hidden):
+    """normflows' multiscale Glow (its README's construction), unconditional."""
+    import normflows as nf
+    c, h, w = shape
+    flows, merges, q0 = [], [], []
+    for i in range(n_levels):
+        flows.append([nf.flows.GlowBlock(c * 2 ** (n_levels + 1 - i), hidden,
+                                         split_mode="channel", scale=True)
+                      for _ in range(n_steps)] + [nf.flows.Squeeze()])
+        if i > 0:
+            merges.append(nf.flows.Merge())
+            f = 2 ** (n_levels - i)
+            latent = (c * f, h // f, w // f)
+        else:
+            f = 2 ** n_levels
+            latent = (c * 2 * f, h // f, w // f)
+        q0.append(nf.distributions.GlowBase(latent))
+    return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+
+
+def fit_normflows(size, reference, quick=False):
+    """normflows' Glow with ``reference``'s levels, steps and width, trained like it: Adam at its
+    learning rate, batch 64, the same epochs and dequantization, best validation epoch kept.
+    Returns ``(test bits per dim, info)``."""
+    X_fit, _, X_test, shape = photo_data(size, quick)
+    torch.manual_seed(SEED)
+    rng = np.random.RandomState(SEED)
+    order = rng.permutation(len(X_fit))
+    n_val = int(round(0.1 * len(X_fit)))
+    fit, val = centres(X_fit[order[n_val:]]), centres(X_fit[order[:n_val]])
+    model = normflows_glow(shape, reference.n_levels, reference._setting("n_steps"),
+                           reference._setting("hidden_features"))
+    opt = torch.optim.Adam(model.parameters(), lr=reference._setting("learning_rate"))
+
+    def log_prob(X):
+        z, logdet = _logit(X)
+        return model.log_prob(z.reshape(-1, *shape), None) + logdet
+
+    def dequant(X):
+        return X + (torch.rand_like(X) - 0.5) / 256
+
+    def train():
+        best, best_state = np.inf, None
+        fit_t, val_t = torch.as_tensor(fit, dtype=torch.float32), torch.as_tensor(val)
+        for _ in range(reference.max_epochs):
+            model.train()
+            for idx in torch.randperm(len(fit_t)).split(64):
+                loss = -log_prob(dequant(fit_t[idx])).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            model.eval()
+            with torch.no_grad():
+                v = -torch.cat([log_prob(dequant(b.float())) for b in val_t.split(512)]).mean()
+            if v < best:
+                best, best_state = float(v), {k: t.clone() for k, t in
+                                              model.state_dict().items()}
+        model.load_state_dict(best_state)
+
+    _, wall, cpu = timed(train)
+    with torch.no_grad():
+        Xd = torch.as_tensor(dequantized(X_test, 3), dtype=torch.float32)
+        ll = torch.cat([log_prob(b) for b in Xd.split(512)]).numpy().astype(np.float64)
+    bpd = float(bits_per_dim(ll.mean(), X_test.shape[1], n_bits=8))
+    return bpd, {"fit_seconds": wall, "cpu_seconds": cpu, "n_params": n_params(model)}
+
+
+def run_density(size, quick, epochs=None, models=None):
+    """The density table at ``size``; ``epochs`` / ``models`` ("arch/coupling" strings) other
+    than the defaults write results/images-density{size}-{epochs}ep.json."""
+    default = epochs in (None, EPOCHS[size]) and models is None
+    epochs = epochs or EPOCHS[size]
+    meta = metadata(seed=SEED, size=size, quick=quick, epochs=1 if quick else epochs)
+    torch.set_num_threads(1)
+    X_fit, X_val, X_test, shape = photo_data(size, quick)
+    X_test_d = dequantized(X_test, 3)
+    rows = []
+    models = MODELS[size] if models is None else [tuple(m.split("/")) for m in models]
+    for arch, coupling in models:
+        prior, info = flow_prior(size, arch, coupling, quick, epochs)
+        bpd = prior.bits_per_dim(X_test_d, n_bits=8)
+        rows.append({"model": f"flowsk {arch} / {coupling}", "test_bpd": float(bpd),
+                     "val_bpd": float(prior.bits_per_dim(dequantized(X_val, 2), n_bits=8)),
+                     "n_params": n_params(prior.flow_), "epochs": len(prior.history_[
+                         "train_loss"]), "best_epoch": int(prior.best_epoch_) + 1, **info})
+        print(rows[-1], flush=True)
+    reference, _ = flow_prior(size, "glow", "affine", quick, epochs)
+    bpd, info = fit_normflows(size, reference, quick)
+    rows.append({"model": "normflows Glow", "test_bpd": bpd, "epochs": reference.max_epochs,
+                 **info})
+    print(rows[-1], flush=True)
+    gmm, info = best_gmm(size, quick)
+    gmm_params = gmm.n_components * (X_fit.shape[1] + X_fit.shape[1] * (X_fit.shape[1] + 1) / 2
+                                     + 1) - 1
+    rows.append({"model": "GaussianMixture full", "test_bpd": float(bits_per_dim(
+        gmm.score(X_test_d), X_test.shape[1], n_bits=8)), "n_params": int(gmm_params), **info})
+    print(rows[-1], flush=True)
+    payload = {"size": size, "image_shape": list(shape), "n_fit": len(X_fit),
+               "n_val": len(X_val), "n_test": len(X_test), "rows": rows}
+    write_results(f"images-density{size}" + ("" if default else f"-{epochs}ep"), payload, meta)
+
+
+# -- inverse problems ----------------------------------------------------------------------------
+def gaussian_kernel(sigma, radius):
+    """Normalised 2-D Gaussian ``(2 radius + 1, 2 radius + 1)``."""
+    t = np.arange(-radius, radius + 1)
+    g = np.exp(-t ** 2 / (2 * sigma ** 2))
+    k = np.outer(g, g)
+    return k / k.sum()
+
+
+BLUR = gaussian_kernel(1.5, 4)
+
+
+def tasks(shape):
+    """name -> (operator, noise std)."""
+    from flowsk.operators import Blur, Denoising, Inpainting, RandomMask, SuperResolution
+    _, h, w = shape
+    return {"denoise": (Denoising(shape), 25 / 255),
+            "inpaint50": (RandomMask(shape, 0.5, random_state=SEED), 0.01),
+            "box4": (Inpainting(shape, box=(h // 2 - 2, w // 2 - 2, h // 2 + 2, w // 2 + 2)),
+                     0.01),
+            "deblur": (Blur(shape, BLUR), 0.01),
+            "sr2": (SuperResolution(shape, 2), 0.01)}
+
+
+def _images(op, Y):
+    """Measurements as the images a classical method takes: ``(n, H', W')`` (inpainting:
+    missing pixels 0, with the boolean mask of missing pixels)."""
+    _, h, w = op.input_shape
+    with torch.no_grad():
+        full = op.pinv(torch.as_tensor(Y)).numpy()
+    if hasattr(op, "indices"):
+        mask = np.ones(h * w, bool)
+        mask[op.indices.numpy()] = False
+        return full.reshape(-1, h, w), mask.reshape(h, w)
+    if hasattr(op, "factor"):
+        return Y.reshape(len(Y), h // op.factor, w // op.factor), None
+    return Y.reshape(len(Y), h, w), None
+
+
+def classical_methods(task, noise):
+    """name -> (grid, fn(image, mask, param) -> (H, W)) for the task's classical baselines."""
+    from skimage import restoration
+    from skimage.transform import resize
+
+    def bm3d(img, mask, s):
+        import bm3d as bm3d_package
+        return bm3d_package.bm3d(img, sigma_psd=s)
+
+    f = (0.5, 0.75, 1.0, 1.5)
+    if task == "denoise":
+        return {
+            "bm3d": ([noise * v for v in (0.75, 1.0, 1.5)], bm3d),
+            "nl_means": ([noise * v for v in (0.4, 0.6, 0.8, 1.0)],
+                         lambda img, mask, h: restoration.denoise_nl_means(
+                             img, patch_size=5, patch_distance=6, h=h, sigma=noise)),
+            "tv_chambolle": ([0.03, 0.06, 0.1, 0.15],
+                             lambda img, mask, wt: restoration.denoise_tv_chambolle(img, wt)),
+            "wavelet": ([noise * v for v in f],
+                        lambda img, mask, s: restoration.denoise_wavelet(img, sigma=s)),
+        }
+    if task in ("inpaint50", "box4"):
+        return {"biharmonic": ([None],
+                               lambda img, mask, _: restoration.inpaint_biharmonic(img, mask))}
+    if task == "deblur":
+        return {
+            "wiener": ([0.01, 0.03, 0.1, 0.3, 1.0],
+                       lambda img, mask, b: restoration.wiener(img, BLUR, b, clip=False)),
+            "richardson_lucy": ([5, 10, 20, 40], lambda img, mask, n: restoration.richardson_lucy(
+                np.clip(img, 0, 1), BLUR, num_iter=n, clip=False)),
+        }
+    return {"bicubic": ([None], lambda img, mask, _: resize(img, (2 * img.shape[0],
+                                                                  2 * img.shape[1]), order=3))}
+
+
+def run_classical(fn, images, mask, param):
+    return np.stack([fn(img, mask, param) for img in images]).reshape(len(images), -1)
+
+
+def coverage(X, S, level=0.9):
+    """Share of true values inside the central ``level`` interval of the draws, per feature:
+    ``X (n, d)``, ``S (n, draws, d)`` -> float."""
+    lo, hi = np.quantile(S, [(1 - level) / 2, (1 + level) / 2], axis=1)
+    return float(((X >= lo) & (X <= hi)).mean())
+
+
+def scores(X, R, shape, seconds):
+    R = np.clip(R, 0, 1)
+    return {"psnr": float(psnr(X, R).mean()), "ssim": float(ssim(X, R, shape).mean()),
+            "seconds_per_patch": seconds / len(X)}
+
+
+def run_inverse(quick):
+    from inverse import dense, gmm_mmse
+    from sklearn.model_selection import GridSearchCV
+    meta = metadata(seed=SEED, quick=quick, epochs=1 if quick else EPOCHS[32])
+    torch.set_num_threads(1)
+    _, X_val, X_test, shape = photo_data(32, quick)
+    X_val, X_test = X_val[:N_VAL], X_test[:16 if quick else N_TEST]
+    prior, prior_info = flow_prior(32, *INVERSE_PRIOR, quick)
+    gmm, gmm_info = best_gmm(32, quick)
+    n_post = 2 if quick else N_POSTERIOR
+    results, figure = {}, {}
+    for task, (op, noise) in tasks(shape).items():
+        Y_val = op.measure(X_val, noise_std=noise, random_state=1)
+        Y = op.measure(X_test, noise_std=noise, random_state=0)
+        row, recon = {}, {}
+        # classical baselines, each tuned on the validation patches
+        (val_img, mask), (test_img, _) = _images(op, Y_val), _images(op, Y)
+        for name, (grid, fn) in classical_methods(task, noise).items():
+            val_psnr = [float(psnr(X_val, np.clip(run_classical(fn, val_img, mask, g), 0, 1))
+                              .mean()) for g in grid]
+            best = grid[int(np.argmax(val_psnr))]
+            R, wall, _ = timed(run_classical, fn, test_img, mask, best)
+            row[name] = {**scores(X_test, R, shape, wall), "kind": "classical",
+                         "param": best, "grid": grid}
+            recon[name] = R
+        R, wall, _ = timed(InverseSolver(prior, op, method="pinv").predict, Y)
+        row["pinv"], recon["pinv"] = {**scores(X_test, R, shape, wall), "kind": "baseline"}, R
+        A = dense(op, X_test.shape[1])
+        R, wall, _ = timed(gmm_mmse, gmm, A, noise, Y)
+        row["gmm-mmse"] = {**scores(X_test, R, shape, wall), "kind": "baseline"}
+        recon["gmm-mmse"] = R
+        # flowsk
+        grid = {**GLOWIP, "n_iter": [20]} if quick else GLOWIP
+        search = GridSearchCV(InverseSolver(prior, op, method="glowip", random_state=SEED),
+                              grid, cv=2).fit(Y_val, X_val)
+        R, wall, _ = timed(search.best_estimator_.predict, Y)
+        row["glowip"] = {**scores(X_test, R, shape, wall), "kind": "flowsk",
+                         "param": search.best_params_["gamma"], "grid": grid["gamma"]}
+        recon["glowip"] = R
+        post = InverseSolver(prior, op, method="langevin", sigma=noise, random_state=SEED,
+                             n_samples=LANGEVIN["n_samples"],
+                             method_params=LANGEVIN["method_params"] if not quick else
+                             {**LANGEVIN["method_params"], "burn_in": 10})
+        S, wall, _ = timed(post.sample_posterior, Y[:n_post],
+                           n_samples=LANGEVIN["n_samples"])
+        row["langevin"] = {**scores(X_test[:n_post], S.mean(1), shape, wall),
+                           "kind": "flowsk-posterior", "coverage90": coverage(X_test[:n_post], S),
+                           "n_patches": n_post}
+        results[task] = row
+        classical = max((k for k, v in row.items() if v["kind"] == "classical"),
+                        key=lambda k: row[k]["psnr"])
+        figure[task] = {"truth": X_test[0], "measurement": _images(op, Y[:1])[0][0],
+                        "classical": (classical, recon[classical][0]),
+                        "flowsk": ("glowip", recon["glowip"][0]), "std": S[0].std(0)}
+        print(task, {k: round(v["psnr"], 2) for k, v in row.items()}, flush=True)
+    write_figure(figure)
+    payload = {"n_test": len(X_test), "n_val": len(X_val), "n_posterior": n_post,
+               "prior": {"architecture": INVERSE_PRIOR[0], "coupling": INVERSE_PRIOR[1],
+                         "n_params": n_params(prior.flow_), "epochs": prior.max_epochs,
+                         **prior_info},
+               "gmm_components": gmm_info["n_components"], "glowip": GLOWIP,
+               "langevin": LANGEVIN, "results": results}
+    write_results("images-inverse", payload, meta)
+
+
+def write_figure(figure):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = ("truth", "measurement", "best classical", "best flowsk", "posterior std")
+    fig, axes = plt.subplots(len(figure), 5, figsize=(7.5, 1.6 * len(figure)))
+    for r, (task, f) in enumerate(figure.items()):
+        panels = [(f["truth"], "truth"), (f["measurement"], "measurement"),
+                  (f["classical"][1], f["classical"][0]), (f["flowsk"][1], f["flowsk"][0]),
+                  (f["std"], "posterior std")]
+        for c, (img, label) in enumerate(panels):
+            ax = axes[r, c]
+            img = np.asarray(img)
+            side = int(round(math.sqrt(img.size)))
+            ax.imshow(img.reshape(side, side), cmap="gray", vmin=0, vmax=None if c == 4 else 1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            title = label if c in (2, 3) else cols[c]
+            ax.set_title(f"{cols[c]}\n{title}" if r == 0 and c in (2, 3) else title, fontsize=7)
+            if c == 0:
+                ax.set_ylabel(task, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "images.png", dpi=120)
+    plt.close(fig)
+
+
+# -- tables --------------------------------------------------------------------------------------
+def tables():
+    out = {}
+    density = [read_results(path.stem) for path in sorted(RESULTS.glob("images-density*.json"))]
+    if density:
+        rows = []
+        for res in density:
+            for r in res["rows"]:
+                note = (f"n = {edge_flag(r['n_components'], r['grid'])}" if "n_components" in r
+                        else f"{r['epochs']} epochs" + (f", best {r['best_epoch']}"
+                                                        if "best_epoch" in r else ""))
+                rows.append([f"{res['size']}x{res['size']}", r["model"],
+                             f"{r['test_bpd']:.3f}", f"{r['n_params']:,}", note,
+                             f"{r['fit_seconds']:.0f}", f"{r['cpu_seconds']:.0f}"])
+        lines = [markdown_table(["patches", "model", "test bits/dim", "parameters", "budget",
+                                 "fit s", "CPU s"], rows)]
+        lines += [f"{res['size']}x{res['size']}: {res['n_fit']} training, {res['n_val']} "
+                  f"validation, {res['n_test']} test patches. " + provenance(res["meta"])
+                  for res in density]
+        out["density"] = "\n\n".join(lines)
+    if (RESULTS / "images-inverse.json").exists():
+        res = read_results("images-inverse")
+        rows = []
+        for task, row in res["results"].items():
+            classical = max((k for k, v in row.items() if v["kind"] == "classical"),
+                            key=lambda k: row[k]["psnr"])
+            flowsk = max((k for k, v in row.items() if v["kind"].startswith("flowsk")
+                          and "n_patches" not in v), key=lambda k: row[k]["psnr"])
+            cells = [task]
+            for name in ("pinv", "gmm-mmse"):
+                cells.append(f"{row[name]['psnr']:.2f} / {row[name]['ssim']:.3f}")
+            c = row[classical]
+            param = "" if c["param"] is None else f", {edge_flag(c['param'], c['grid'])}"
+            cells.append(f"{c['psnr']:.2f} / {c['ssim']:.3f} ({classical}{param})")
+            g = row["glowip"]
+            cells.append(f"{g['psnr']:.2f} / {g['ssim']:.3f} (gamma "
+                         f"{edge_flag(g['param'], g['grid'])})")
+            cells.append(f"{row[flowsk]['psnr'] - c['psnr']:+.2f}")
+            lv = row["langevin"]
+            cells.append(f"{lv['psnr']:.2f} / {lv['coverage90']:.2f}")
+            rows.append(cells)
+        prior = res["prior"]
+        out["inverse"] = "\n\n".join([
+            markdown_table(["task", "pinv", "GMM posterior mean", "best classical (tuned)",
+                            "flowsk glowip", "flowsk − classical dB",
+                            f"langevin mean PSNR / 90 % coverage ({res['n_posterior']} patches)"],
+                           rows),
+            f"PSNR dB / SSIM on {res['n_test']} 32x32 test patches; parameters tuned on "
+            f"{res['n_val']} validation patches. Prior: {prior['architecture']} / "
+            f"{prior['coupling']}, {prior['n_params']:,} parameters, {prior['epochs']} epochs "
+            f"({prior['fit_seconds']:.0f} s); GMM with {res['gmm_components']} components. "
+            + provenance(res["meta"])])
+        names = list(dict.fromkeys(n for row in res["results"].values() for n in row))
+        rows = [[task] + [f"{row[n]['psnr']:.2f} / {row[n]['seconds_per_patch']:.2g}"
+                          if n in row else "" for n in names]
+                for task, row in res["results"].items()]
+        out["inverse_all"] = markdown_table(["task"] + names, rows) + (
+            "\n\nPSNR dB / seconds per patch of every method (tuned parameters: "
+            "results/images-inverse.json).")
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("part", choices=("density", "inverse"))
+    parser.add_argument("--size", type=int, choices=(16, 32), default=16)
+    parser.add_argument("--epochs", type=int, help="density: the epoch budget")
+    parser.add_argument("--models", nargs="+", help="density: architecture/coupling, ...")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.part == "density":
+        run_density(args.size, args.quick, args.epochs, args.models)
+    else:
+        run_inverse(args.quick)
+
+
+if __name__ == "__main__":
+    main()
