@@ -228,8 +228,12 @@ class VI(Method):
         return problem.flow.decode(z)
 
     def sample(self, problem, Y, n_samples):
-        k = check_int("importance_samples", problem.params["importance_samples"], 0)
-        q = self.fit_q(problem, Y)
+        check_int("importance_samples", problem.params["importance_samples"], 0)
+        return self.draw(problem, self.fit_q(problem, Y), Y, n_samples)
+
+    def draw(self, problem, q, Y, n_samples):
+        """Posterior draws ``(n, n_samples, n_features)`` of a fitted pre-generator ``q``."""
+        k = problem.params["importance_samples"]
         n, d = len(Y), self._dim(problem)
         with torch.no_grad():
             if k:
@@ -253,12 +257,14 @@ class VI(Method):
         floor = np.where(finite, log_w, np.inf).min(1, keepdims=True) - 100
         log_w = np.where(finite, log_w, np.where(np.isfinite(floor), floor, 0.0))
         smoothed, pareto_k = array_stats.psislw(log_w, axis=-1)
+        # a tail the Pareto fit cannot take (NaN k) keeps its raw weights, and counts as bad
+        smoothed = np.where(np.isfinite(smoothed).all(1, keepdims=True), smoothed, log_w)
         bad = ~(pareto_k <= PARETO_K_MAX)
         if bad.any():
             warnings.warn(f"{type(self).__name__.lower()}: importance weights unreliable "
                           f"(Pareto k > {PARETO_K_MAX}, largest {np.nanmax(pareto_k):.2f}) for "
                           f"{int(bad.sum())} of {len(Y)} observations; their draws lean on few "
-                          "of q's: raise n_iter or use mala", RuntimeWarning, stacklevel=6)
+                          "of q's: raise n_iter or use mala", RuntimeWarning, stacklevel=7)
         weights = torch.as_tensor(np.exp(smoothed - smoothed.max(1, keepdims=True)),
                                   dtype=torch.float32, device=Y.device)
         index = torch.multinomial(weights, n_samples, replacement=True,
@@ -296,7 +302,9 @@ class AmbientVI(VI):
     def _negative_log_prior(self, problem, u):
         logit, rest = self._split(problem.flow)
         z, logdet = rest(u)
-        return -(standard_normal_log_prob(z) + logdet), self._to_signal(problem, u)
+        # the data fit sees the generator's unclipped signal, as the latent methods do
+        return -(standard_normal_log_prob(z) + logdet), (u if logit is None
+                                                         else logit.inverse(u)[0])
 
     def _init_q(self, problem, q, Y):
         """Start at a diagonal Gaussian fit to prior samples (finite ``log p`` from step one)."""
