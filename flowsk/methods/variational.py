@@ -23,9 +23,9 @@ minimised by Adam with the reparametrisation trick (``mc_samples`` draws per ste
   than the posterior; ``importance_samples=k > 0`` corrects it by sampling importance
   resampling: ``k`` draws of ``q`` per observation, weighted by ``p(z | y)^(1 / beta) / q(z)``
   (Pareto-smoothed, Vehtari et al.), ``n_samples`` of them drawn by weight. The weights' Pareto
-  ``k`` says whether that can work: above 0.7 the resampled draws rest on a handful of ``q``'s
-  draws and a warning says so (``q`` is too far from the posterior; draws of the generator's
-  overflow region get no weight).
+  ``k`` (and the effective sample size) say whether that can work: above 0.7 (below 10) the
+  resampled draws rest on a handful of ``q``'s draws and a warning says so (``q`` is too far
+  from the posterior; draws of the generator's overflow region get no weight).
 - ``ambient-vi``: the same objective with the pre-generator in data space
   (``x = q-flow(eps)``, ``-log p(x)`` from the prior's density; for a bounded ``data_range``
   in the space after the prior's logit layer), the paper's baseline.
@@ -54,6 +54,8 @@ from .laplace import covariance_factor, laplace
 
 #: Above this Pareto k of the importance weights (Vehtari et al.), resampling is unreliable.
 PARETO_K_MAX = 0.7
+#: Below this effective sample size of the weights, resampling is unreliable as well.
+ESS_MIN = 10
 
 
 def _clamp_scale(raw):
@@ -247,7 +249,8 @@ class VI(Method):
     def _resample(self, problem, q, Y, n_samples, k):
         """``n_samples`` of ``k`` draws of ``q`` per observation, resampled with the
         Pareto-smoothed weights ``p(z | y)^(1 / beta) / q(z)``: ``(n, n_samples, dim)``.
-        Warns where the weights' Pareto ``k`` exceeds 0.7."""
+        Warns where the weights' Pareto ``k`` exceeds 0.7 or their effective sample size is
+        under 10."""
         from arviz_stats.base import array_stats
 
         z, log_q = q(problem.randn(len(Y), k, self._dim(problem)))
@@ -256,17 +259,25 @@ class VI(Method):
         finite = np.isfinite(log_w)  # draws the generator cannot make have no weight
         floor = np.where(finite, log_w, np.inf).min(1, keepdims=True) - 100
         log_w = np.where(finite, log_w, np.where(np.isfinite(floor), floor, 0.0))
-        smoothed, pareto_k = array_stats.psislw(log_w, axis=-1)
+        # arviz-stats takes log-likelihoods, whose negatives are the log weights
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # degenerate tails give NaN k
+            smoothed, pareto_k = array_stats.psislw(-log_w, axis=-1)
         # a tail the Pareto fit cannot take (NaN k) keeps its raw weights, and counts as bad
         smoothed = np.where(np.isfinite(smoothed).all(1, keepdims=True), smoothed, log_w)
-        bad = ~(pareto_k <= PARETO_K_MAX)
+        weights = np.exp(smoothed - smoothed.max(1, keepdims=True))
+        ess = weights.sum(1) ** 2 / (weights ** 2).sum(1)
+        # the Pareto fit itself fails on extreme weights (one draw with all of it): the
+        # effective sample size catches those
+        bad = ~(pareto_k <= PARETO_K_MAX) | (ess < ESS_MIN)
         if bad.any():
             warnings.warn(f"{type(self).__name__.lower()}: importance weights unreliable "
-                          f"(Pareto k > {PARETO_K_MAX}, largest {np.nanmax(pareto_k):.2f}) for "
-                          f"{int(bad.sum())} of {len(Y)} observations; their draws lean on few "
-                          "of q's: raise n_iter or use mala", RuntimeWarning, stacklevel=7)
-        weights = torch.as_tensor(np.exp(smoothed - smoothed.max(1, keepdims=True)),
-                                  dtype=torch.float32, device=Y.device)
+                          f"(Pareto k > {PARETO_K_MAX} or effective sample size < {ESS_MIN}) "
+                          f"for {int(bad.sum())} of {len(Y)} observations (largest k "
+                          f"{np.nanmax(pareto_k):.2f}, smallest size {ess.min():.1f}); their "
+                          "draws lean on few of q's: raise n_iter or use mala", RuntimeWarning,
+                          stacklevel=7)
+        weights = torch.as_tensor(weights, dtype=torch.float32, device=Y.device)
         index = torch.multinomial(weights, n_samples, replacement=True,
                                   generator=problem.generator)
         return torch.gather(z, 1, index[..., None].expand(-1, -1, z.shape[2]))
