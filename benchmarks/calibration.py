@@ -411,13 +411,12 @@ def main():
     sizes = QUICK if args.quick else {"n_sim": N_SIM, "n_draws": N_DRAWS,
                                       "n_digits": N_DIGITS, "n_is": N_IS}
     meta = metadata(seed=0, **{k: sizes[k] for k in ("n_sim", "n_draws", "n_digits", "n_is")})
-    if args.part == "sbc":
-        rows = run_sbc(args.tasks or SBC_TASKS, args.quick)
-    elif args.part == "gaussian":
-        rows = run_gaussian(args.quick)
-    else:
-        rows = run_digits(args.tasks or TASKS, args.quick)
-    merge(args.part, rows, meta, args.quick)
+    if args.part == "gaussian":
+        merge(args.part, run_gaussian(args.quick), meta, args.quick)
+    else:  # task by task, so that an interrupted run keeps the tasks done
+        run = run_sbc if args.part == "sbc" else run_digits
+        for task in args.tasks or (SBC_TASKS if args.part == "sbc" else TASKS):
+            merge(args.part, run([task], args.quick), meta, args.quick)
     for table in tables("calibration-quick" if args.quick else "calibration").values():
         print(table)
 
