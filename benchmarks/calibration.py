@@ -350,7 +350,10 @@ def _p(value):
 
 def tables(name="calibration"):
     results = read_results(name)
-    out = {}
+    missing = "Not measured yet (`python benchmarks/calibration.py --part {}`).\n"
+    out = {"sbc": missing.format("sbc"), "sbc_levels": missing.format("sbc"),
+           "gaussian": missing.format("gaussian"), "digits": missing.format("digits"),
+           "digits_psnr": missing.format("digits")}
     sbc = results.get("sbc", {})
     tasks = [t for t in SBC_TASKS if t in sbc]
     if tasks:
@@ -366,8 +369,8 @@ def tables(name="calibration"):
         meta = sbc[tasks[0]]["meta"]
         out["sbc"] = (markdown_table(["method", *[f"{t}: 90 % cov. / p" for t in tasks],
                                       "CPU s / obs."], rows)
-                      + f"\n\n`mala` / `langevin` CPU time at equal draws: {ratio:.2f}x. "
-                      + f"{meta['n_sim'] if 'n_sim' in meta else ''}"
+                      + f"\n\n`mala` / `langevin` CPU time at equal draws: {ratio:.2f}x; "
+                      f"{meta['n_sim']} simulations of {meta['n_draws']} draws per task. "
                       + provenance(meta) + "\n")
         levels = [[f"`{m}`", *[_f(np.mean([sbc[t][m]["coverage"][str(level)] for t in tasks]),
                                   3) for level in LEVELS]] for m in names]
