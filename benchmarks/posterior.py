@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import torch
+from _common import markdown_table, metadata, provenance, read_results, write_results
 from inverse import RESULTS, dense, digits_gmm, digits_prior, digits_split, gmm_mmse
 from sklearn.model_selection import GridSearchCV
 
@@ -89,7 +90,7 @@ def figure(X, Y, draws, op, shape, path):
     plt.close(fig)
 
 
-def save(results, quick, n_test, per_obs=None):
+def save(results, quick, n_test, meta, per_obs=None):
     """Write results/posterior.json, keeping the rows of methods this run did not measure
     (from an earlier run with the same ``quick`` and ``n_test``)."""
     path = RESULTS / "posterior.json"
@@ -97,11 +98,39 @@ def save(results, quick, n_test, per_obs=None):
     if (old.get("quick"), old.get("n_test")) == (quick, n_test):
         results = {task: {**old["results"].get(task, {}), **rows}
                    for task, rows in {**old["results"], **results}.items()}
-    out = {"date": time.strftime("%Y-%m-%d"), "quick": quick, "n_test": n_test,
-           "n_draws": N_DRAWS, "results": results}
+    out = {"quick": quick, "n_test": n_test, "n_draws": N_DRAWS, "results": results}
     if per_obs is not None and {"vi", "amortized-vi"} <= per_obs.keys():
         out["speedup_amortized_over_vi"] = per_obs["vi"] / per_obs["amortized-vi"]
-    path.write_text(json.dumps(out, indent=2))
+    write_results("posterior", out, meta)
+
+
+def tables():
+    """The README's posterior table from results/posterior.json: per task, MMSE PSNR / mean
+    single-draw PSNR / 90 % calibration of each method (bold where the MMSE beats the GMM-10
+    posterior mean on the same digits), and seconds per digit."""
+    data = read_results("posterior")
+    results = data["results"]
+    methods = [m for m in METHODS if all(m in row for row in results.values())]
+    rows = []
+    for task, row in results.items():
+        cells = []
+        for m in methods:
+            r = row[m]
+            mmse = f"{r['psnr_mmse']:.2f}"
+            if r["psnr_mmse"] > r["gmm10_psnr_same_subset"]:
+                mmse = f"**{mmse}**"
+            cells.append(f"{mmse} / {r['psnr_single']:.2f} / {r['calibration90']:.2f}")
+        first = [row[m]["gmm10_psnr_same_subset"] for m in methods if row[m]["n_test"] == N_MCMC]
+        rows.append([f"{task} ({row[methods[0]]['sigma']:g})",
+                     f"{row['gmm10-mmse']['psnr']:.2f}", *cells,
+                     f"{first[0]:.2f}" if first else ""])
+    seconds = [np.mean([results[t][m]["seconds_per_obs"] for t in results]) for m in methods]
+    rows.append(["seconds per digit", "", *[f"{s:.2g}" for s in seconds], ""])
+    meta = data.get("meta")
+    when = provenance(meta) if meta else f"<sub>measured {data['date']}</sub>"
+    return {"posterior": markdown_table(["task (`sigma`)", "GMM-10 MMSE",
+                                         *[f"`{m}`" for m in methods],
+                                         f"GMM-10, first {N_MCMC}"], rows) + "\n\n" + when}
 
 
 def main():
@@ -112,6 +141,7 @@ def main():
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     args = parser.parse_args()
     torch.set_num_threads(2)
+    meta = metadata(seed=0)
     X_fit, X_val, X_test, shape = digits_split()
     X_test = X_test[:args.n_test or (30 if args.quick else 100)]
     prior, _ = digits_prior(X_fit, args.quick, **PRIOR)
@@ -146,7 +176,7 @@ def main():
             print(task, method, {k: round(v, 3) if isinstance(v, float) else v
                                  for k, v in row[method].items()}, flush=True)
         results[task] = row
-        save(results, args.quick, len(X_test))  # an interrupted run keeps the tasks done
+        save(results, args.quick, len(X_test), meta)  # an interrupted run keeps the tasks done
     print(f"\nMMSE PSNR dB / single-draw PSNR / 90 % calibration, {len(X_test)} test digits "
           f"(pl-mcmc: first {N_MCMC}), {N_DRAWS} draws")
     print(f"{'task':8s}{'gmm10':>8s}" + "".join(f"{m:>22s}" for m in args.methods))
@@ -160,7 +190,7 @@ def main():
     if {"vi", "amortized-vi"} <= per_obs.keys():
         print(f"amortized-vi speed-up over vi at prediction: "
               f"{per_obs['vi'] / per_obs['amortized-vi']:.0f}x")
-    save(results, args.quick, len(X_test), per_obs)
+    save(results, args.quick, len(X_test), meta, per_obs)
     print(f"wrote {RESULTS / 'posterior.json'}")
 
 

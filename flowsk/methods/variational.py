@@ -19,7 +19,13 @@ minimised by Adam with the reparametrisation trick (``mc_samples`` draws per ste
   approximation, so Adam only refines it (hence the small default ``learning_rate``; raise it
   with ``init="prior"``). ``covariance="full"`` stores ``d x d`` per observation: use
   ``"diag"`` for large latent spaces. A draw of ``q`` the generator cannot make (a latent in
-  its tails where the prior overflows) is redrawn.
+  its tails where the prior overflows) is redrawn. The mode-seeking KL makes ``q`` narrower
+  than the posterior; ``importance_samples=k > 0`` corrects it by sampling importance
+  resampling: ``k`` draws of ``q`` per observation, weighted by ``p(z | y)^(1 / beta) / q(z)``
+  (Pareto-smoothed, Vehtari et al.), ``n_samples`` of them drawn by weight. The weights' Pareto
+  ``k`` (and the effective sample size) say whether that can work: above 0.7 (below 10) the
+  resampled draws rest on a handful of ``q``'s draws and a warning says so (``q`` is too far
+  from the posterior; draws of the generator's overflow region get no weight).
 - ``ambient-vi``: the same objective with the pre-generator in data space
   (``x = q-flow(eps)``, ``-log p(x)`` from the prior's density; for a bounded ``data_range``
   in the space after the prior's logit layer), the paper's baseline.
@@ -44,6 +50,12 @@ from ..nn.builders import build_flow
 from ..nn.multiscale import Logit
 from ..nn.networks import MLP
 from .base import Method, redraw_nonfinite, sum_squares
+from .laplace import covariance_factor, laplace
+
+#: Above this Pareto k of the importance weights (Vehtari et al.), resampling is unreliable.
+PARETO_K_MAX = 0.7
+#: Below this effective sample size of the weights, resampling is unreliable as well.
+ESS_MIN = 10
 
 
 def _clamp_scale(raw):
@@ -142,7 +154,7 @@ class VI(Method):
     defaults = {"sigma": 0.1, "beta": 1.0, "n_iter": 1000, "learning_rate": 3e-3,
                 "n_samples": 32, "mc_samples": 8, "covariance": "full", "n_layers": 2,
                 "hidden_features": 32, "init": "laplace", "laplace_steps": 3,
-                "path_gradient": True}
+                "path_gradient": True, "importance_samples": 0}
 
     def _dim(self, problem):
         return problem.flow.latent_dim
@@ -152,16 +164,20 @@ class VI(Method):
         x = problem.flow.inverse(z)[0]
         return 0.5 * sum_squares(z), x
 
+    def _log_joint(self, problem, z, Y):
+        """``log p(z) + log p(y | z)`` up to a constant: ``z (n, k, dim) -> (n, k)``."""
+        n, k, d = z.shape
+        nlp, x = self._negative_log_prior(problem, z.reshape(n * k, d))
+        fit = sum_squares(problem.operator(x).view(n, k, -1) - Y[:, None])
+        return -nlp.view(n, k) - fit / (2 * problem.params["sigma"] ** 2)
+
     def _loss(self, problem, q, Y, k):
         """The negative ELBO per observation ``(n,)``, from ``k`` draws each."""
         p = problem.params
-        n, d = len(Y), self._dim(problem)
-        z, log_q = q(problem.randn(n, k, d))
+        z, log_q = q(problem.randn(len(Y), k, self._dim(problem)))
         if p["path_gradient"]:
             log_q = q.log_prob(z)
-        nlp, x = self._negative_log_prior(problem, z.reshape(n * k, d))
-        fit = sum_squares(problem.operator(x).view(n, k, -1) - Y[:, None]) / (2 * p["sigma"] ** 2)
-        return (p["beta"] * log_q + nlp.view(n, k) + fit).mean(1)
+        return (p["beta"] * log_q - self._log_joint(problem, z, Y)).mean(1)
 
     def fit_q(self, problem, Y):
         p = problem.params
@@ -200,57 +216,71 @@ class VI(Method):
         if p["init"] != "laplace":
             raise ValueError(f"init must be 'laplace' or 'prior', got {p['init']!r}")
         check_int("laplace_steps", p["laplace_steps"], 0)
-        z = torch.zeros(len(Y), self._dim(problem), device=Y.device)
-        inv_var = 1.0 / p["sigma"] ** 2
-        with torch.no_grad():
-            best = self._map_objective(problem, z, Y)
-        for _ in range(p["laplace_steps"] + 1):
-            r, J = self._residual_jacobian(problem, z, Y)
-            eye = torch.eye(z.shape[1], device=z.device)
-            H = eye + inv_var * J.transpose(1, 2) @ J
-            if _ == p["laplace_steps"]:
-                break
-            g = z + inv_var * (J.transpose(1, 2) @ r[..., None])[..., 0]
-            step = torch.linalg.solve(H, g[..., None])[..., 0]
-            with torch.no_grad():
-                trial = self._map_objective(problem, z - step, Y)
-            better = torch.isfinite(trial) & (trial < best)
-            z = torch.where(better[:, None], z - step, z)
-            best = torch.where(better, trial, best)
+        z, H = laplace(problem, Y, p["laplace_steps"])
         with torch.no_grad():
             q.mean.copy_(z)
-            cov = p["beta"] * torch.cholesky_inverse(torch.linalg.cholesky(H))
             if q.full:
-                L = torch.linalg.cholesky(cov)
-                diag = torch.diagonal(L, dim1=1, dim2=2)
-                q.log_diag.copy_(diag.log())
+                L = math.sqrt(p["beta"]) * covariance_factor(H)
+                q.log_diag.copy_(torch.diagonal(L, dim1=1, dim2=2).log())
                 q.lower.copy_(L)
             else:
                 q.log_diag.copy_(0.5 * torch.log(p["beta"] / torch.diagonal(H, dim1=1, dim2=2)))
-
-    def _map_objective(self, problem, z, Y):
-        r = problem.operator(problem.flow.inverse(z)[0]) - Y
-        return 0.5 * sum_squares(z) + sum_squares(r) / (2 * problem.params["sigma"] ** 2)
-
-    def _residual_jacobian(self, problem, z, Y):
-        """``r = A(G(z)) - y (n, m)`` and its Jacobian ``(n, m, d)``, one backward pass per
-        measurement (observations are independent, so the batch shares each pass)."""
-        z = z.detach().requires_grad_(True)
-        r = problem.operator(problem.flow.inverse(z)[0]) - Y
-        rows = [torch.autograd.grad(r[:, i].sum(), z, retain_graph=True)[0]
-                for i in range(r.shape[1])]
-        return r.detach(), torch.stack(rows, 1)
 
     def _to_signal(self, problem, z):
         return problem.flow.decode(z)
 
     def sample(self, problem, Y, n_samples):
-        q = self.fit_q(problem, Y)
+        check_int("importance_samples", problem.params["importance_samples"], 0)
+        return self.draw(problem, self.fit_q(problem, Y), Y, n_samples)
+
+    def draw(self, problem, q, Y, n_samples):
+        """Posterior draws ``(n, n_samples, n_features)`` of a fitted pre-generator ``q``."""
+        k = problem.params["importance_samples"]
         n, d = len(Y), self._dim(problem)
-        with torch.no_grad():  # q's tails may reach latents where the generator overflows
+        with torch.no_grad():
+            if k:
+                z = self._resample(problem, q, Y, n_samples, k)
+                return self._to_signal(problem, z.reshape(-1, d)).view(n, n_samples, -1)
+            # q's tails may reach latents where the generator overflows: redraw those
             _, x = redraw_nonfinite(lambda: q(problem.randn(n, n_samples, d))[0].view(-1, d),
                                     lambda z: self._to_signal(problem, z))
             return x.view(n, n_samples, -1)
+
+    def _resample(self, problem, q, Y, n_samples, k):
+        """``n_samples`` of ``k`` draws of ``q`` per observation, resampled with the
+        Pareto-smoothed weights ``p(z | y)^(1 / beta) / q(z)``: ``(n, n_samples, dim)``.
+        Warns where the weights' Pareto ``k`` exceeds 0.7 or their effective sample size is
+        under 10."""
+        from arviz_stats.base import array_stats
+
+        z, log_q = q(problem.randn(len(Y), k, self._dim(problem)))
+        log_w = self._log_joint(problem, z, Y) / problem.params["beta"] - log_q
+        log_w = log_w.double().cpu().numpy()
+        finite = np.isfinite(log_w)  # draws the generator cannot make have no weight
+        floor = np.where(finite, log_w, np.inf).min(1, keepdims=True) - 100
+        log_w = np.where(finite, log_w, np.where(np.isfinite(floor), floor, 0.0))
+        # arviz-stats takes log-likelihoods, whose negatives are the log weights
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # degenerate tails give NaN k
+            smoothed, pareto_k = array_stats.psislw(-log_w, axis=-1)
+        # a tail the Pareto fit cannot take (NaN k) keeps its raw weights, and counts as bad
+        smoothed = np.where(np.isfinite(smoothed).all(1, keepdims=True), smoothed, log_w)
+        weights = np.exp(smoothed - smoothed.max(1, keepdims=True))
+        ess = weights.sum(1) ** 2 / (weights ** 2).sum(1)
+        # the Pareto fit itself fails on extreme weights (one draw with all of it): the
+        # effective sample size catches those
+        bad = ~(pareto_k <= PARETO_K_MAX) | (ess < ESS_MIN)
+        if bad.any():
+            warnings.warn(f"{type(self).__name__.lower()}: importance weights unreliable "
+                          f"(Pareto k > {PARETO_K_MAX} or effective sample size < {ESS_MIN}) "
+                          f"for {int(bad.sum())} of {len(Y)} observations (largest k "
+                          f"{np.nanmax(pareto_k):.2f}, smallest size {ess.min():.1f}); their "
+                          "draws lean on few of q's: raise n_iter or use mala", RuntimeWarning,
+                          stacklevel=7)
+        weights = torch.as_tensor(weights, dtype=torch.float32, device=Y.device)
+        index = torch.multinomial(weights, n_samples, replacement=True,
+                                  generator=problem.generator)
+        return torch.gather(z, 1, index[..., None].expand(-1, -1, z.shape[2]))
 
 
 class AmbientVI(VI):
@@ -283,7 +313,9 @@ class AmbientVI(VI):
     def _negative_log_prior(self, problem, u):
         logit, rest = self._split(problem.flow)
         z, logdet = rest(u)
-        return -(standard_normal_log_prob(z) + logdet), self._to_signal(problem, u)
+        # the data fit sees the generator's unclipped signal, as the latent methods do
+        return -(standard_normal_log_prob(z) + logdet), (u if logit is None
+                                                         else logit.inverse(u)[0])
 
     def _init_q(self, problem, q, Y):
         """Start at a diagonal Gaussian fit to prior samples (finite ``log p`` from step one)."""
@@ -360,22 +392,23 @@ class AmortizedVI(Method):
         m = Yt.shape[1]
         seed = int(torch.randint(2**31 - 1, (1,), generator=problem.generator,
                                  device=device).item())
-        torch.manual_seed(seed)
-        model = build_flow(flow.latent_dim, architecture="mlp", coupling=p["coupling"],
-                           n_steps=p["n_steps"], hidden_features=p["hidden_features"],
-                           context_features=m, random_state=seed).to(device)
-        model.encoder = ResidualEncoder(m, p["hidden_features"]).to(device)
-        # standardise the context so that the encoder sees unit-scale inputs
-        model.register_buffer("y_mean", Yt.mean(0))
-        model.register_buffer("y_std", Yt.std(0) + 1e-6)
         d = flow.latent_dim
 
         def loss_fn(module, batch):
             return -module.log_prob(batch[:, :d], amortized_context(module, batch[:, d:])).mean()
 
-        train(model, loss_fn, torch.cat([Z, Yt], 1), max_epochs=p["n_iter"],
-              batch_size=p["batch_size"], learning_rate=p["learning_rate"],
-              rng=np.random.RandomState(seed), verbose=problem.verbose, desc="amortized-vi")
+        with torch.random.fork_rng(devices=[]):  # the caller's global generator is untouched
+            torch.manual_seed(seed)
+            model = build_flow(d, architecture="mlp", coupling=p["coupling"],
+                               n_steps=p["n_steps"], hidden_features=p["hidden_features"],
+                               context_features=m, random_state=seed).to(device)
+            model.encoder = ResidualEncoder(m, p["hidden_features"]).to(device)
+            # standardise the context so that the encoder sees unit-scale inputs
+            model.register_buffer("y_mean", Yt.mean(0))
+            model.register_buffer("y_std", Yt.std(0) + 1e-6)
+            train(model, loss_fn, torch.cat([Z, Yt], 1), max_epochs=p["n_iter"],
+                  batch_size=p["batch_size"], learning_rate=p["learning_rate"],
+                  rng=np.random.RandomState(seed), verbose=problem.verbose, desc="amortized-vi")
         model.requires_grad_(False).eval()
         with torch.no_grad():
             features = torch.cat([amortized_context(model, Yt[s:s + 4096])

@@ -1,0 +1,56 @@
+"""The Laplace approximation of the smoothed latent posterior, shared by ``vi`` (its start) and
+the MCMC methods (their starts and preconditioner).
+
+For ``log p(z | y) = -||z||^2 / 2 - ||A(G(z)) - y||^2 / (2 sigma^2) + const``: a few
+Gauss-Newton steps towards the MAP point (each kept only where it lowers the objective), then
+the Gauss-Newton Hessian ``H = I + J^T J / sigma^2`` of ``J = d A(G(z)) / dz`` there. For a
+linear operator and an affine prior, ``N(z_map, H^-1)`` is the exact posterior.
+"""
+import torch
+
+from .base import sum_squares
+
+
+def map_objective(problem, z, Y):
+    """``-log p(z | y)`` up to a constant: ``(n, d), (n, m) -> (n,)``."""
+    r = problem.operator(problem.flow.inverse(z)[0]) - Y
+    return 0.5 * sum_squares(z) + sum_squares(r) / (2 * problem.params["sigma"] ** 2)
+
+
+def residual_jacobian(problem, z, Y):
+    """``r = A(G(z)) - y (n, m)`` and its Jacobian ``(n, m, d)``, one backward pass per
+    measurement (observations are independent, so the batch shares each pass)."""
+    z = z.detach().requires_grad_(True)
+    r = problem.operator(problem.flow.inverse(z)[0]) - Y
+    rows = [torch.autograd.grad(r[:, i].sum(), z, retain_graph=True)[0]
+            for i in range(r.shape[1])]
+    return r.detach(), torch.stack(rows, 1)
+
+
+def laplace(problem, Y, steps):
+    """``(z_map (n, d), H (n, d, d))`` for observations ``Y (n, m)``, after ``steps``
+    Gauss-Newton steps from ``z = 0``."""
+    inv_var = 1.0 / problem.params["sigma"] ** 2
+    z = torch.zeros(len(Y), problem.flow.latent_dim, device=Y.device)
+    with torch.no_grad():
+        best = map_objective(problem, z, Y)
+    eye = torch.eye(z.shape[1], device=z.device)
+    for step in range(steps + 1):
+        r, J = residual_jacobian(problem, z, Y)
+        H = eye + inv_var * J.transpose(1, 2) @ J
+        if step == steps:
+            return z, H
+        g = z + inv_var * (J.transpose(1, 2) @ r[..., None])[..., 0]
+        trial_z = z - torch.linalg.solve(H, g[..., None])[..., 0]
+        with torch.no_grad():
+            trial = map_objective(problem, trial_z, Y)
+        better = torch.isfinite(trial) & (trial < best)
+        z = torch.where(better[:, None], trial_z, z)
+        best = torch.where(better, trial, best)
+
+
+def covariance_factor(H):
+    """Lower-triangular ``L`` with ``L L^T = H^-1``: ``(n, d, d) -> (n, d, d)`` (computed in
+    float64, returned in ``H``'s dtype)."""
+    cov = torch.cholesky_inverse(torch.linalg.cholesky(H.double()))
+    return torch.linalg.cholesky(cov).to(H.dtype)
