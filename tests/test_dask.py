@@ -103,6 +103,22 @@ def test_dask_arrays_give_the_in_memory_numbers(client, problem):
     assert not np.allclose(mean[:50], mean[2 * BLOCK_SIZE:])
 
 
+def test_dask_ml_parallel_post_fit_transforms_but_cannot_reconstruct(client, problem):
+    """``ParallelPostFit`` runs a prior's ``transform`` chunk-wise, but declares 1-D output
+    for ``predict``, which reconstructions ``(n, n_features)`` do not fit: hence
+    ``flowsk_dask.predict``."""
+    from dask_ml.wrappers import ParallelPostFit
+
+    prior, op, X, Y = problem
+    Z = ParallelPostFit(prior).transform(da.from_array(X[:300], chunks=(100, 64)))
+    np.testing.assert_array_equal(Z.compute(), prior.transform(X[:300]))
+    X_hat = ParallelPostFit(InverseSolver(prior, op, n_iter=2)).predict(
+        da.from_array(Y[:40], chunks=(20, 48)))
+    assert X_hat.shape == (40,)
+    with pytest.raises(ValueError, match="broadcast"):
+        X_hat.compute()
+
+
 def test_dask_array_errors(client, problem):
     prior, op, _, Y = problem
     solver = InverseSolver(prior, op, method="glowip", n_iter=2)
