@@ -160,7 +160,9 @@ def _shared(key):
     """What a stand-in unpickles to: on a worker its copy of the estimator, in the sharing
     process the stand-in itself, elsewhere an :class:`_Unresolved` key. (A scheduler unpickles
     and repickles every task, so the stand-in must stay small there.)"""
-    return _SHARED.get(key) or _STAND_INS.get(key) or _Unresolved(key)
+    if key in _SHARED:
+        return _SHARED[key]
+    return _STAND_INS[key] if key in _STAND_INS else _Unresolved(key)
 
 
 def _reduce_stand_in(self):

@@ -256,19 +256,28 @@ class EveryOther(Operator):
 address, prior_path = sys.argv[1:]
 prior = joblib.load(prior_path)
 X = prior.sample(20, random_state=0)
+client = Client(address)
+# the scheduler runs in another process, where the stand-in's prior is unknown
+shared = flowsk_dask.share(prior, client)
 for op in (EveryOther(), FunctionOperator(lambda x: 0.5 * x, 64)):
     Y = op.measure(X, noise_std=0.05, random_state=0)
-    search = GridSearchCV(InverseSolver(prior, op, n_iter=10, random_state=0),
-                          {"gamma": [0.0, 1.0]}, cv=2)
-    serial = search.fit(Y, X).cv_results_["mean_test_score"]
-    with Client(address), joblib.parallel_config(backend="dask"):
-        dist = search.fit(Y, X).cv_results_["mean_test_score"]
-    assert serial[0] != serial[1] and np.array_equal(dist, serial), (serial, dist)
+    grid = {"gamma": [0.0, 1.0]}
+    serial = GridSearchCV(InverseSolver(prior, op, n_iter=10, random_state=0), grid, cv=2)
+    serial = serial.fit(Y, X).cv_results_["mean_test_score"]
+    for p in (prior, shared):
+        with joblib.parallel_config(backend="dask"):
+            dist = GridSearchCV(InverseSolver(p, op, n_iter=10, random_state=0), grid, cv=2)
+            dist = dist.fit(Y, X).cv_results_["mean_test_score"]
+        assert serial[0] != serial[1] and np.array_equal(dist, serial), (serial, dist)
+flowsk_dask.unshare(shared, client)
+client.close()
 print("ok")
 """
 
 
-def test_classes_and_lambdas_from_main_reach_the_workers(client, problem, tmp_path):
+def test_a_script_with_its_own_classes_and_a_stand_in(client, problem, tmp_path):
+    """Classes defined in `__main__` and lambdas reach the workers (by value); a stand-in
+    passes a scheduler in another process, where its prior is unknown."""
     (tmp_path / "search.py").write_text(MAIN_SCRIPT)
     joblib.dump(problem[0], tmp_path / "prior.joblib")
     out = subprocess.run([sys.executable, str(tmp_path / "search.py"), client.scheduler.address,
