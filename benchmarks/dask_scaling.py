@@ -3,7 +3,7 @@
 A FlowPrior with its default architecture (fitted for one epoch: training does not change the
 speed) on digits, the demo's ``cs16`` task (16 compressed-sensing measurements, noise 0.01),
 ``N_OBS`` = 2,000 observations (the digits test split, repeated). For ``glowip`` (its defaults,
-300 iterations) and ``vi`` (100 iterations instead of 1,000, its other defaults):
+300 iterations) and ``vi`` (50 iterations instead of 1,000, its other defaults):
 
 - wall and CPU seconds of ``solver.predict(Y)`` in this process (one torch thread);
 - the same through ``flowsk_dask.predict`` on a ``LocalCluster`` of 1 and of 2 worker
@@ -30,7 +30,7 @@ from _common import markdown_table, metadata, provenance, read_results, write_re
 NAME = "dask_scaling"
 N_OBS = 2000
 SEED = 0
-SETTINGS = {"glowip": {}, "vi": {"n_iter": 100}}
+SETTINGS = {"glowip": {}, "vi": {"n_iter": 50}}
 OVERHEAD_CHUNKS = 32
 
 
