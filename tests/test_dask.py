@@ -323,12 +323,14 @@ def test_a_dying_cluster_raises_instead_of_hanging(problem):
             distributed.Client(cluster, set_as_default=False) as c:
         with joblib.parallel_config(backend="dask", client=c), pytest.raises(KilledWorker):
             GridSearchCV(pipe, {"sleep__die": [False, True]}, cv=2).fit(Y, X[:20])
-        # the whole cluster going away mid-search
+        # the whole cluster going away mid-search (with both workers back: on one worker
+        # with one thread joblib would run the search in this process)
+        c.wait_for_workers(2, timeout=120)
         closer = threading.Timer(3.0, cluster.close)
         closer.start()
         try:
             with joblib.parallel_config(backend="dask", client=c), \
-                    pytest.raises(CancelledError):
+                    pytest.raises((CancelledError, KilledWorker)):  # workers or scheduler first
                 GridSearchCV(pipe, {"sleep__seconds": [1.0] * 20}, cv=2).fit(Y, X[:20])
         finally:
             closer.join()
