@@ -18,7 +18,18 @@ from .operators import Operator
 
 _HYPERPARAMETERS = ("gamma", "alpha", "beta", "sigma", "init", "init_std", "n_iter",
                     "learning_rate", "n_restarts", "n_samples")
-_CHUNK = 1024
+#: Rows solved together. Block ``k`` of a call (rows ``k * BLOCK_SIZE`` up to the next block)
+#: draws its random numbers from a torch generator seeded with ``block_seed(seed, k)``, where
+#: ``seed`` is one draw from ``random_state`` per call. So a row's result does not depend on
+#: how the rows are split into calls, as long as each part starts at a multiple of
+#: ``BLOCK_SIZE`` (``flowsk_dask`` chunks Dask arrays of measurements that way).
+BLOCK_SIZE = 1024
+
+
+def block_seed(seed, block):
+    """The torch seed of row block ``block`` of a call with base seed ``seed``: the first word
+    of ``numpy.random.SeedSequence([seed, block])``."""
+    return int(np.random.SeedSequence([seed, block]).generate_state(1)[0])
 
 
 def _check_hyperparameter(name, value):
@@ -138,7 +149,13 @@ class InverseSolver(BaseEstimator):
                              "image_shape")
         method.check_prior(self.prior)
 
-    def _problem(self, method):
+    def _seed(self):
+        """The base seed of one call, drawn from ``random_state``."""
+        return int(check_random_state(self.random_state).randint(2**31 - 1))
+
+    def _problem(self, method, seed=None):
+        """The method's :class:`Problem`; its generator is seeded with ``seed`` (None: a
+        fresh draw from ``random_state``)."""
         self._check_prior_operator(method)
         check_choice("on_nonfinite", self.on_nonfinite, ("raise", "warn"))
         device = self.prior.device_ if self.device is None else resolve_device(self.device)
@@ -146,17 +163,20 @@ class InverseSolver(BaseEstimator):
         if next(iter(flow.buffers()), torch.empty(0, device=device)).device != device:
             flow = copy.deepcopy(flow).to(device)
         operator = copy.deepcopy(self.operator).to(device=device, dtype=torch.float32)
-        seed = check_random_state(self.random_state).randint(2**31 - 1)
         return Problem(flow=flow, operator=operator, params=self._params(method),
-                        generator=torch.Generator(device).manual_seed(int(seed)),
+                        generator=torch.Generator(device).manual_seed(
+                            self._seed() if seed is None else seed),
                         data_range=self.prior.data_range,
                         model=getattr(self, "model_", None), verbose=self.verbose)
 
-    def _run(self, fn, Y, problem):
+    def _run(self, fn, Y, problem, seed, first_block):
+        """``fn(problem, y)`` on each block of ``Y``, the first being block ``first_block``."""
         device = problem.generator.device
         outs = []
-        for start in range(0, len(Y), _CHUNK):
-            y = torch.as_tensor(np.asarray(Y[start:start + _CHUNK], np.float32), device=device)
+        for block, start in enumerate(range(0, len(Y), BLOCK_SIZE), first_block):
+            problem.generator.manual_seed(block_seed(seed, block))
+            y = torch.as_tensor(np.asarray(Y[start:start + BLOCK_SIZE], np.float32),
+                                device=device)
             outs.append(fn(problem, y).detach().cpu().numpy().astype(np.float64))
         return np.concatenate(outs)
 
@@ -184,42 +204,53 @@ class InverseSolver(BaseEstimator):
         Y = check_array(Y, dtype=[np.float64, np.float32], input_name="Y")
         return check_float32_range(self.operator.check_measurements(Y), "Y")
 
-    def _ready(self, method):
+    def _ready(self, method, seed):
         if method.needs_fit:
             check_is_fitted(self, "model_", msg=f"method {self.method!r} is trained by fit(Y); "
                                                 "call fit before predict")
-        return self._problem(method)
+        return self._problem(method, seed)
 
     def predict(self, Y, return_std=False):
         """Reconstruct ``(n_obs, m) -> (n_obs, n_features)``.
 
         Posterior methods return the mean of ``n_samples`` draws and, with
-        ``return_std=True``, also the per-feature posterior std.
+        ``return_std=True``, also the per-feature posterior std. Rows are solved in blocks
+        of ``BLOCK_SIZE``, each with its own seed (see ``BLOCK_SIZE``).
         """
+        return self._predict(Y, return_std, self._seed(), 0)
+
+    def _predict(self, Y, return_std, seed, first_block):
+        """``predict`` of rows that start at block ``first_block``, base seed ``seed``."""
         method = self._method()
-        problem = self._ready(method)
+        problem = self._ready(method, seed)
         Y = self._measurements(Y)
         if method.posterior:
-            S = self._run(lambda p, y: method.sample(p, y, p.params["n_samples"]), Y, problem)
+            S = self._run(lambda p, y: method.sample(p, y, p.params["n_samples"]), Y, problem,
+                          seed, first_block)
             check_finite_output(S, self.on_nonfinite, "posterior samples")
             mean = S.mean(1)
             return (mean, S.std(1)) if return_std else mean
         if return_std:
             raise ValueError(f"method {self.method!r} gives a point estimate; return_std "
                              f"needs a posterior method ({', '.join(_posterior_methods())})")
-        X = self._run(method.predict, Y, problem)
+        X = self._run(method.predict, Y, problem, seed, first_block)
         return check_finite_output(X, self.on_nonfinite, "reconstructions")
 
     def sample_posterior(self, Y, n_samples=32):
-        """Posterior draws ``(n_obs, m) -> (n_obs, n_samples, n_features)``."""
+        """Posterior draws ``(n_obs, m) -> (n_obs, n_samples, n_features)``, seeded per row
+        block as ``predict``."""
+        return self._sample_posterior(Y, n_samples, self._seed(), 0)
+
+    def _sample_posterior(self, Y, n_samples, seed, first_block):
         method = self._method()
         if not method.posterior:
             raise ValueError(f"method {self.method!r} gives a point estimate; sample_posterior "
                              f"needs a posterior method ({', '.join(_posterior_methods())})")
         _check_hyperparameter("n_samples", n_samples)
-        problem = self._ready(method)
+        problem = self._ready(method, seed)
         Y = self._measurements(Y)
-        S = self._run(lambda p, y: method.sample(p, y, n_samples), Y, problem)
+        S = self._run(lambda p, y: method.sample(p, y, n_samples), Y, problem, seed,
+                      first_block)
         return check_finite_output(S, self.on_nonfinite, "posterior samples")
 
     def __sklearn_tags__(self):
