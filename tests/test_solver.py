@@ -26,6 +26,7 @@ def gaussian_prior(seed=0):
     flow = Flow(Chain(InvertibleLinear(N, gen), act), N).eval().requires_grad_(False)
     prior = FlowPrior(device="cpu")
     prior.flow_, prior.n_features_in_, prior.device_ = flow, N, torch.device("cpu")
+    prior.training_range_ = (-3.0, 3.0)  # the PSNR peak of InverseSolver.score
     return prior
 
 
