@@ -361,13 +361,10 @@ class AmortizedVI(Method):
         seed = int(torch.randint(2**31 - 1, (1,), generator=problem.generator,
                                  device=device).item())
         torch.manual_seed(seed)
-        model = build_flow(flow.latent_dim, architecture="mlp", coupling=p["coupling"],
-                           n_steps=p["n_steps"], hidden_features=p["hidden_features"],
-                           context_features=m, random_state=seed).to(device)
-        model.encoder = ResidualEncoder(m, p["hidden_features"]).to(device)
+        model = amortized_model(flow.latent_dim, m, p, seed).to(device)
         # standardise the context so that the encoder sees unit-scale inputs
-        model.register_buffer("y_mean", Yt.mean(0))
-        model.register_buffer("y_std", Yt.std(0) + 1e-6)
+        model.y_mean.copy_(Yt.mean(0))
+        model.y_std.copy_(Yt.std(0) + 1e-6)
         d = flow.latent_dim
 
         def loss_fn(module, batch):
@@ -390,6 +387,20 @@ class AmortizedVI(Method):
             _, x = redraw_nonfinite(lambda: problem.randn(n * n_samples, flow.latent_dim),
                                     lambda eps: amortized_draw(model, flow, Y, eps))
             return x.view(n, n_samples, -1)
+
+
+def amortized_model(latent_dim, m, params, seed):
+    """The untrained ``amortized-vi`` model for latents of ``latent_dim`` and measurements of
+    width ``m``, with the ``coupling``, ``n_steps`` and ``hidden_features`` of ``params``:
+    a conditional flow with an ``encoder`` and the buffers ``y_mean`` (zeros) and ``y_std``
+    (ones). ``seed`` (int) seeds its random layers."""
+    model = build_flow(latent_dim, architecture="mlp", coupling=params["coupling"],
+                       n_steps=params["n_steps"], hidden_features=params["hidden_features"],
+                       context_features=m, random_state=seed)
+    model.encoder = ResidualEncoder(m, params["hidden_features"])
+    model.register_buffer("y_mean", torch.zeros(m))
+    model.register_buffer("y_std", torch.ones(m))
+    return model
 
 
 def amortized_context(model, Y):
