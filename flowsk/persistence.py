@@ -363,9 +363,12 @@ class _Reader:
         if est.method != "amortized-vi":
             raise self.error(f"{where}: a trained model for method {est.method!r}, which "
                              "trains none")
-        params = est._params(est._method())
-        with torch.random.fork_rng(devices=[]):
-            model = amortized_model(est.prior.flow_.latent_dim, est.n_features_in_, params, 0)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                model = amortized_model(est.prior.flow_.latent_dim, est.n_features_in_,
+                                        est._params(est._method()), 0)
+        except (ValueError, TypeError) as err:
+            raise self.error(f"{where}: cannot rebuild the amortized-vi model: {err}") from None
         model.requires_grad_(False).eval()
         self.load_module(model, prefix + "model_.")
         model.feature_covariance = self.covariance(prefix + "model_.feature_covariance.",

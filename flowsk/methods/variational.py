@@ -394,6 +394,8 @@ def amortized_model(latent_dim, m, params, seed):
     width ``m``, with the ``coupling``, ``n_steps`` and ``hidden_features`` of ``params``:
     a conditional flow with an ``encoder`` and the buffers ``y_mean`` (zeros) and ``y_std``
     (ones). ``seed`` (int) seeds its random layers."""
+    for name in ("n_steps", "hidden_features"):
+        check_int(name, params[name], 1)
     model = build_flow(latent_dim, architecture="mlp", coupling=params["coupling"],
                        n_steps=params["n_steps"], hidden_features=params["hidden_features"],
                        context_features=m, random_state=seed)
