@@ -51,14 +51,18 @@ def save(estimator, path):
 
     Tensors are written from CPU copies, so a model fitted on a GPU loads without one. Raises
     ``TypeError`` for other objects (use joblib for pipelines you keep on your own machine) and
-    ``ValueError`` for parameters that JSON cannot hold.
+    ``ValueError`` for parameters that JSON cannot hold, ``OSError`` when ``path`` cannot be
+    written.
     """
     tensors = {}
     spec = _encode(estimator, "", tensors)
     metadata = {"format": "flowsk", "format_version": str(FORMAT_VERSION),
                 "flowsk_version": __version__,
                 "estimator": json.dumps(spec, allow_nan=False, sort_keys=True)}
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:  # it writes a temporary file, then renames it
+        raise OSError(f"cannot write {path}: {err}") from None
     return path
 
 

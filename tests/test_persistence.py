@@ -283,6 +283,8 @@ def test_save_errors(mlp_prior, tmp_path):
     operator = ops.FunctionOperator(lambda x: 2 * x, SHAPE)
     with pytest.raises(TypeError, match="FunctionOperator"):
         flowsk.save(InverseSolver(mlp_prior, operator), path)
+    with pytest.raises(OSError, match="cannot write"):
+        flowsk.save(mlp_prior, tmp_path / "no such folder" / "prior.flowsk")
     assert not path.exists()
 
 
