@@ -32,6 +32,7 @@ from .solver import InverseSolver
 
 FORMAT_VERSION = 1
 _ESTIMATORS = {cls.__name__: cls for cls in (FlowPrior, InjectiveFlowPrior, InverseSolver)}
+_PRIORS = ("FlowPrior", "InjectiveFlowPrior")
 #: Fitted integers of each estimator (besides ``n_features_in_``).
 _FITTED_INTS = {"FlowPrior": ("best_epoch_",),
                 "InjectiveFlowPrior": ("best_epoch_", "mse_best_epoch_", "latent_dim_"),
@@ -253,16 +254,17 @@ class _Reader:
                              " that the rebuilt model does not have")
 
     # -- estimators ------------------------------------------------------------------------
-    def estimator(self, spec, prefix):
+    def estimator(self, spec, prefix, classes=tuple(_ESTIMATORS)):
         where = prefix.rstrip(".") or "estimator"
         name = self.field(spec, "class", str, where)
-        if name not in _ESTIMATORS:
-            raise self.error(f"unknown estimator class {name!r}; valid: {', '.join(_ESTIMATORS)}")
+        if name not in classes:
+            raise self.error(f"{where}: unknown estimator class {name!r}; valid: "
+                             f"{', '.join(classes)}")
         params = dict(self.field(spec, "params", dict, where))
         fitted = self.field(spec, "fitted", dict, where)
         if name == "InverseSolver":
             params["prior"] = self.estimator(self.field(params, "prior", dict, where),
-                                             prefix + "prior.")
+                                             prefix + "prior.", _PRIORS)
             params["operator"] = self.operator(self.field(params, "operator", dict, where),
                                                prefix + "operator.")
         else:
@@ -275,12 +277,12 @@ class _Reader:
         return self.fitted_prior(est, fitted, prefix)
 
     def construct(self, cls, params, where):
-        """``cls(**params)``, validated as ``fit`` would validate it."""
-        expected = set(cls._get_param_names())
-        if set(params) != expected:
-            raise self.error(f"{where}: parameters {sorted(set(params) ^ expected)} do not "
-                             f"match those of {cls.__name__}")
-        random_state = params["random_state"]
+        """``cls(**params)``, validated as ``fit`` would validate it. A parameter the file
+        lacks (one added after it was written) takes its default."""
+        unknown = sorted(set(params) - set(cls._get_param_names()))
+        if unknown:
+            raise self.error(f"{where}: {cls.__name__} has no parameters {unknown}")
+        random_state = params.get("random_state")
         if random_state is not None and (not isinstance(random_state, int)
                                          or isinstance(random_state, bool)):
             raise self.error(f"{where}: random_state must be an int or None, got "

@@ -64,14 +64,14 @@ def _perturb(module, seed=1):
 
 @pytest.fixture(scope="module", params=sorted(PRIORS))
 def prior(request, X):
-    est = PRIORS[request.param]().fit(X[:200])
+    est = PRIORS[request.param]().fit(X[:100])
     _perturb(est.flow_)
     return est
 
 
 @pytest.fixture(scope="module")
 def mlp_prior(X):
-    est = PRIORS["mlp-affine"]().fit(X[:200])
+    est = PRIORS["mlp-affine"]().fit(X[:100])
     _perturb(est.flow_)
     return est
 
@@ -120,9 +120,9 @@ def test_prior_round_trip_is_exact(prior, X, tmp_path):
 
 
 def test_a_loaded_prior_refits_like_the_original(X, tmp_path):
-    est = PRIORS["mlp-affine"]().fit(X[:200])
+    est = PRIORS["mlp-affine"]().fit(X[:100])
     loaded = flowsk.load(flowsk.save(est, tmp_path / "prior.flowsk"))
-    loaded.fit(X[:200])
+    loaded.fit(X[:100])
     np.testing.assert_array_equal(loaded.score_samples(X[200:]), est.score_samples(X[200:]))
 
 
@@ -214,6 +214,13 @@ def test_solver_operators_round_trip(name, mlp_prior, color_prior, tmp_path):
     np.testing.assert_array_equal(loaded.predict(Y), solver.predict(Y))
 
 
+def test_a_parameter_the_file_lacks_takes_its_default(good_file, tmp_path):
+    def drop(spec):
+        assert spec["params"].pop("batch_size") == 32
+    loaded = flowsk.load(_rewrite(good_file, tmp_path / "older.flowsk", edit_spec=drop))
+    assert loaded.batch_size == FlowPrior().batch_size == 64
+
+
 def test_unfitted_solver_round_trip(mlp_prior, tmp_path):
     solver = InverseSolver(mlp_prior, ops.Denoising(SHAPE), method="likelihood", alpha=0.5)
     loaded = flowsk.load(flowsk.save(solver, tmp_path / "solver.flowsk"))
@@ -252,7 +259,7 @@ def test_a_model_saved_from_cuda_loads_on_the_cpu(mlp_prior, X, tmp_path, monkey
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_fitted_prior_loads_in_a_process_without_cuda(X, tmp_path):
-    est = PRIORS["mlp-affine"]().set_params(device="cuda").fit(X[:200])
+    est = PRIORS["mlp-affine"]().set_params(device="cuda").fit(X[:100])
     path = flowsk.save(est, tmp_path / "cuda.flowsk")
     np.save(tmp_path / "X.npy", X[200:])
     script = textwrap.dedent("""
@@ -376,7 +383,7 @@ BAD_FILES = {
     "random_state of the wrong type": (lambda s, d: _rewrite(s, d, edit_spec=_set_param(
         "random_state", "0")), "random_state must be an int"),
     "unknown parameter": (lambda s, d: _rewrite(s, d, edit_spec=_set_param("depth", 3)),
-                          "depth"),
+                          "FlowPrior has no parameters \\['depth'\\]"),
     "fitted value of the wrong type": (lambda s, d: _rewrite(s, d, edit_spec=_fitted(
         "n_features_in_", 64.0)), "n_features_in_ must be int"),
     "unknown class": (lambda s, d: _rewrite(s, d, edit_spec=_set("class", "Evil")),
@@ -411,11 +418,15 @@ def test_bad_solver_files(amortized, tmp_path):
     def operator_class(spec):
         spec["params"]["operator"]["class"] = "FunctionOperator"
 
+    def nested_solver(spec):
+        spec["params"]["prior"] = json.loads(json.dumps(spec))
+
     cases = [(dict(edit_tensors=bad_indices), "cannot rebuild the Inpainting"),
              (dict(edit_tensors=_set("model_.y_mean", torch.zeros(3))), "model_.y_mean"),
              (dict(edit_spec=solver_param), "n_steps"),
              (dict(edit_spec=operator_class), "unknown operator class 'FunctionOperator'"),
-             (dict(edit_spec=_set_param("n_iter", -1)), "n_iter")]
+             (dict(edit_spec=_set_param("n_iter", -1)), "n_iter"),
+             (dict(edit_spec=nested_solver), "prior: unknown estimator class 'InverseSolver'")]
     for i, (edits, words) in enumerate(cases):
         path = _rewrite(good, tmp_path / f"bad{i}.flowsk", **edits)
         with pytest.raises(ModelFileError, match=words):
