@@ -22,16 +22,15 @@ results/speed-<device>[-image].json.
     python benchmarks/speed.py [--quick] [--device cpu|cuda] [--image]
 """
 import argparse
-import json
-import platform
 import time
 
 import numpy as np
 import torch
-from inverse import RESULTS, digits_split
+from _common import markdown_table, metadata, provenance, read_results, write_results
+from inverse import digits_split
 
 from flowsk import FlowPrior, InverseSolver
-from flowsk.__main__ import demo_tasks
+from flowsk.demo import demo_tasks
 from flowsk.methods import METHODS
 from flowsk.methods.latent import MAP
 
@@ -100,6 +99,7 @@ def main():
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(2)
+    meta = metadata(seed=0, device=args.device)
     METHODS["map-naive"] = NaiveMAP
     X_fit, _, X_test, shape = digits_split()
     prior = FlowPrior(data_range=(0, 1), image_shape=shape if args.image else None,
@@ -121,17 +121,28 @@ def main():
                    for m in ("csgm", "glowip", "map", "likelihood")}
     print("predict on 500 observations, defaults: "
           + ", ".join(f"{m} {t:.1f} s" for m, t in predict_500.items()), flush=True)
-    out = {"date": time.strftime("%Y-%m-%d"), "device": args.device,
-           "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"
-                      if args.device == "cpu" else torch.cuda.get_device_name(),
-           "architecture": "glow (1, 8, 8)" if args.image else "mlp",
+    out = {"device": args.device, "architecture": "glow (1, 8, 8)" if args.image else "mlp",
            "repeats": repeats, "seconds_per_iteration": rows,
            "map_over_floor": {b: r["map"] / r["floor"] for b, r in rows.items()},
            "map_over_naive": {b: r["map"] / r["map-naive"] for b, r in rows.items()},
            "predict_500_seconds": predict_500}
-    name = f"speed-{args.device}{'-image' if args.image else ''}.json"
-    (RESULTS / name).write_text(json.dumps(out, indent=2))
-    print(f"wrote {RESULTS / name}")
+    name = f"speed-{args.device}{'-image' if args.image else ''}"
+    print(f"wrote {write_results(name, out, meta)}")
+
+
+def tables():
+    r = read_results("speed-cpu")
+    rows = []
+    for batch, s in r["seconds_per_iteration"].items():
+        rows.append([batch] + [f"{1000 * s[m]:.1f}" for m in
+                               ("glowip", "map", "map-naive", "likelihood", "floor")]
+                    + [f"{r['map_over_floor'][batch]:.2f}", f"{r['map_over_naive'][batch]:.2f}"])
+    main = markdown_table(["batch", "`glowip`", "`map`", "`map`, naive `G` then `G⁻¹`",
+                           "`likelihood`", "floor", "`map` / floor", "`map` / naive"], rows)
+    predict = markdown_table(["method", "seconds for `predict` on 500 observations"],
+                             [[f"`{m}`", f"{t:.1f}"] for m, t in
+                              r["predict_500_seconds"].items()])
+    return {"main": main + "\n\n" + provenance(r["meta"]), "predict": predict}
 
 
 if __name__ == "__main__":

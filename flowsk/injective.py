@@ -77,6 +77,8 @@ class InjectiveFlowPrior(BaseFlowEstimator):
     latent_covariance_ : sklearn.covariance.EmpiricalCovariance
         Mean and covariance of the training data's latent codes, for
         :func:`flowsk.metrics.ood_score`.
+    training_range_ : (float, float)
+        Smallest and largest value of the training data.
     device_ : torch.device
     """
 

@@ -129,6 +129,7 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
             torch.manual_seed(rng.randint(2**31 - 1))
             self._fit(X, rng)
         self.flow_.requires_grad_(False)
+        self.training_range_ = (float(X.min()), float(X.max()))
         Z = self._map(lambda x: self.flow_(x)[0], X)
         finite = np.isfinite(check_finite_output(Z, self.on_nonfinite,
                                                  "latent codes of the training data")).all(1)
@@ -257,6 +258,9 @@ class FlowPrior(BaseFlowEstimator):
     latent_covariance_ : sklearn.covariance.EmpiricalCovariance
         Mean and covariance of the training data's latent codes, for
         :func:`flowsk.metrics.ood_score`.
+    training_range_ : (float, float)
+        Smallest and largest value of the training data (the PSNR peak of
+        :meth:`InverseSolver.score` when ``data_range`` is None).
     device_ : torch.device
     """
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, clone
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_array, check_is_fitted
 
 from ._training import resolve_device
 from ._validation import check_choice, check_finite_output, check_float32_range
@@ -169,15 +169,20 @@ class InverseSolver(BaseEstimator):
         """
         method = self._method()
         problem = self._problem(method)
-        Y = check_float32_range(self.operator.check_measurements(Y), "Y")
+        Y = self._measurements(Y)
         if X is not None:
-            X = np.asarray(X, dtype=np.float64)
-            if X.shape != (len(Y), self.prior.n_features_in_) or not np.isfinite(X).all():
-                raise ValueError(f"X must be finite with shape ({len(Y)}, "
+            X = check_array(X, dtype=np.float64, input_name="X")
+            if X.shape != (len(Y), self.prior.n_features_in_):
+                raise ValueError(f"X must be the signals of Y, of shape ({len(Y)}, "
                                  f"{self.prior.n_features_in_}), got {X.shape}")
         self.n_features_in_ = Y.shape[1]
         self.model_ = method.fit(problem, Y, X) if method.needs_fit else None
         return self
+
+    def _measurements(self, Y):
+        """``Y`` checked: a 2-D finite real array with the operator's ``output_dim`` columns."""
+        Y = check_array(Y, dtype=[np.float64, np.float32], input_name="Y")
+        return check_float32_range(self.operator.check_measurements(Y), "Y")
 
     def _ready(self, method):
         if method.needs_fit:
@@ -193,7 +198,7 @@ class InverseSolver(BaseEstimator):
         """
         method = self._method()
         problem = self._ready(method)
-        Y = check_float32_range(self.operator.check_measurements(Y), "Y")
+        Y = self._measurements(Y)
         if method.posterior:
             S = self._run(lambda p, y: method.sample(p, y, p.params["n_samples"]), Y, problem)
             check_finite_output(S, self.on_nonfinite, "posterior samples")
@@ -213,9 +218,17 @@ class InverseSolver(BaseEstimator):
                              f"needs a posterior method ({', '.join(_posterior_methods())})")
         _check_hyperparameter("n_samples", n_samples)
         problem = self._ready(method)
-        Y = check_float32_range(self.operator.check_measurements(Y), "Y")
+        Y = self._measurements(Y)
         S = self._run(lambda p, y: method.sample(p, y, n_samples), Y, problem)
         return check_finite_output(S, self.on_nonfinite, "posterior samples")
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = False  # X (the signals) is optional in fit
+        tags.target_tags.multi_output = True  # each target is a signal (n_obs, n_features)
+        tags.target_tags.single_output = False
+        tags.non_deterministic = False  # with an int random_state
+        return tags
 
     def ood_features(self, Y):
         """Encoder features ``g(y)`` of a fitted ``amortized-vi`` solver and the fitted
@@ -225,7 +238,7 @@ class InverseSolver(BaseEstimator):
             raise ValueError(f"ood_features needs method='amortized-vi' (an encoder of y), "
                              f"got {self.method!r}")
         check_is_fitted(self, "model_", msg="the solver is not fitted: call fit(Y) first")
-        Y = check_float32_range(self.operator.check_measurements(Y), "Y")
+        Y = self._measurements(Y)
         model = self.model_
         device = next(model.parameters()).device
         with torch.no_grad():
@@ -234,10 +247,15 @@ class InverseSolver(BaseEstimator):
         return features.cpu().numpy(), model.feature_covariance
 
     def score(self, Y, X):
-        """Mean PSNR (dB) of ``predict(Y)`` against the true signals ``X``."""
+        """Mean PSNR (dB) of ``predict(Y)`` against the true signals ``X``.
+
+        The peak is fixed by the prior, never by ``X``, so that the scores of different folds
+        (``GridSearchCV``) are comparable: the width of the prior's ``data_range``, or without
+        one the range of its training data (``prior.training_range_``).
+        """
         X_hat = self.predict(Y)
-        lo, hi = self.prior.data_range if self.prior.data_range is not None else (
-            np.min(X), np.max(X))
+        lo, hi = (self.prior.data_range if self.prior.data_range is not None
+                  else self.prior.training_range_)
         return float(np.mean(psnr(X, X_hat, data_range=hi - lo)))
 
 

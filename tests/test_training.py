@@ -214,3 +214,45 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_weight_decay_is_decoupled_and_skips_norms_biases_and_lu_factors():
+    from flowsk.nn.linear import ActNorm, InvertibleLinear
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Conv2d(3, 3, 1), ActNorm(3),
+                                 InvertibleLinear(3))
+    groups = flowsk._training.param_groups(module, 0.5)
+    decayed = {id(p) for g in groups if g["weight_decay"] for p in g["params"]}
+    assert decayed == {id(module[0].weight), id(module[1].weight)}
+    assert sum(len(g["params"]) for g in groups) == len(list(module.parameters()))
+    # a loss with zero gradient: AdamW shrinks the decayed weights by lr * wd, nothing else
+    before = [p.detach().clone() for p in module.parameters()]
+    opt = torch.optim.AdamW(groups, lr=0.1)
+    (0.0 * sum(p.sum() for p in module.parameters())).backward()
+    opt.step()
+    for p, b in zip(module.parameters(), before):
+        expected = b * (1 - 0.1 * 0.5) if id(p) in decayed else b
+        torch.testing.assert_close(p.detach(), expected)
+
+
+def test_large_arrays_stream_from_a_memory_map(tmp_path, monkeypatch):
+    data = regression_data().numpy().astype(np.float32)
+    path = tmp_path / "data.npy"
+    np.save(path, data)
+    mapped = np.load(path, mmap_mode="r")
+    monkeypatch.setattr(flowsk._training, "_DEVICE_COPY_LIMIT", 64)
+    batches = flowsk._training.Batches(mapped, torch.device("cpu"))
+    assert batches.data is mapped  # read batch by batch, never copied whole
+    rows = np.array([7, 2, 30])
+    torch.testing.assert_close(batches[rows], torch.from_numpy(data[np.sort(rows)]))
+    # training on the map gives what training on the tensor gives, batch for batch (rows of a
+    # batch are read in ascending order: the same rows, so the same mean loss)
+    histories = []
+    for source in (mapped, torch.from_numpy(data)):
+        torch.manual_seed(0)
+        module = torch.nn.Linear(2, 1)
+        histories.append(train(module, Recorder(), source, max_epochs=3, batch_size=BATCH,
+                               learning_rate=1e-2, validation_fraction=0.5,
+                               rng=np.random.RandomState(0))[0])
+    assert histories[0]["train_loss"] == pytest.approx(histories[1]["train_loss"], rel=1e-5)
+    assert histories[0]["val_loss"] == pytest.approx(histories[1]["val_loss"], rel=1e-5)
