@@ -96,6 +96,7 @@ def _encode(est, prefix, tensors):
                             tensors)
         return spec
     fitted["device_"] = str(est.device_)
+    fitted["training_range_"] = [float(v) for v in est.training_range_]
     fitted["history_"] = sorted(est.history_)
     for key, values in est.history_.items():
         tensors[f"{prefix}history_.{key}"] = torch.tensor(values, dtype=torch.float64)
@@ -341,6 +342,13 @@ class _Reader:
                 raise self.error(f"tensor {prefix}history_.{key} must be 1-D")
             history[key] = values.tolist()
         est.history_ = history
+        lo_hi = self.field(fitted, "training_range_", list, where)
+        if not (len(lo_hi) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                        and math.isfinite(v) for v in lo_hi)
+                and lo_hi[0] <= lo_hi[1]):
+            raise self.error(f"{where}: training_range_ must be [lo, hi], finite with lo <= hi, "
+                             f"got {lo_hi!r}")
+        est.training_range_ = (float(lo_hi[0]), float(lo_hi[1]))
         est.device_ = self.device(self.field(fitted, "device_", str, where), where)
         est.flow_ = flow.to(est.device_)
         return est

@@ -113,6 +113,7 @@ def test_prior_round_trip_is_exact(prior, X, tmp_path):
                                                                 prior.mse_best_epoch_)
     assert loaded.history_ == prior.history_ and loaded.best_epoch_ == prior.best_epoch_
     assert loaded.n_features_in_ == prior.n_features_in_ and loaded.device_ == prior.device_
+    assert loaded.training_range_ == prior.training_range_
     _assert_same_covariance(loaded.latent_covariance_, prior.latent_covariance_)
     _assert_same_state(loaded.flow_, prior.flow_)
     assert not loaded.flow_.training
@@ -210,8 +211,10 @@ def test_solver_operators_round_trip(name, mlp_prior, color_prior, tmp_path):
     x = torch.rand(4, operator.n_features, dtype=torch.float64)
     assert torch.equal(op(x), operator(x))
     assert torch.equal(op.pinv(operator(x)), operator.pinv(operator(x)))
-    Y = operator.measure(prior.sample(3, random_state=0), noise_std=0.01, random_state=0)
+    X = prior.sample(3, random_state=0)
+    Y = operator.measure(X, noise_std=0.01, random_state=0)
     np.testing.assert_array_equal(loaded.predict(Y), solver.predict(Y))
+    assert loaded.score(Y, X) == solver.score(Y, X)
 
 
 def test_a_parameter_the_file_lacks_takes_its_default(good_file, tmp_path):
@@ -386,6 +389,8 @@ BAD_FILES = {
                           "FlowPrior has no parameters \\['depth'\\]"),
     "fitted value of the wrong type": (lambda s, d: _rewrite(s, d, edit_spec=_fitted(
         "n_features_in_", 64.0)), "n_features_in_ must be int"),
+    "bad training range": (lambda s, d: _rewrite(s, d, edit_spec=_fitted(
+        "training_range_", [1.0, 0.0])), "training_range_ must be"),
     "unknown class": (lambda s, d: _rewrite(s, d, edit_spec=_set("class", "Evil")),
                       "unknown estimator class 'Evil'"),
     "a pickle": (lambda s, d: joblib.dump(flowsk.load(s), d) and d, "is a pickle"),
