@@ -1,7 +1,9 @@
 """flowsk: normalizing-flow priors for inverse problems as scikit-learn estimators."""
+from ._version import __version__
 from .injective import InjectiveFlowPrior
+from .persistence import ModelFileError, load, save
 from .prior import FlowPrior
 from .solver import InverseSolver
 
-__version__ = "0.1.0"
-__all__ = ["FlowPrior", "InjectiveFlowPrior", "InverseSolver"]
+__all__ = ["FlowPrior", "InjectiveFlowPrior", "InverseSolver", "ModelFileError", "__version__",
+           "load", "save"]

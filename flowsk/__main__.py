@@ -1,7 +1,10 @@
 """flowsk command line: ``python -m flowsk {demo,fit,solve,export} --help``.
 
-Bad input (a missing file, the wrong width, NaN, an unknown method or operator) prints one
-``error: ...`` line on stderr and exits with status 2.
+Models are flowsk model files (``model.flowsk``, see :mod:`flowsk.persistence`), safe to share;
+a ``.joblib`` path is a pickle instead, which prints a warning, since loading a pickle runs
+whatever code it holds. Bad input (a missing file, the wrong width, NaN, an unknown method or
+operator, a damaged model file) prints one ``error: ...`` line on stderr and exits with
+status 2.
 """
 import argparse
 import json
@@ -36,10 +39,34 @@ def _save_array(path, A):
         np.savetxt(path, A, delimiter=",")
 
 
+def _is_pickle(path):
+    return Path(path).suffix == ".joblib"
+
+
+def _warn_pickle(path):
+    print(f"warning: {path} is a pickle: loading one runs any code it holds, so load only "
+          "pickles you trust, and share models as .flowsk files", file=sys.stderr)
+
+
+def _save_model(estimator, path):
+    """``path``: a flowsk model file, or a joblib pickle for a ``.joblib`` path."""
+    if _is_pickle(path):
+        import joblib
+        _warn_pickle(path)
+        joblib.dump(estimator, path)
+    else:
+        from . import save
+        save(estimator, path)
+
+
 def _load_model(path):
-    import joblib
     if not Path(path).is_file():
         raise ValueError(f"{path} does not exist")
+    if not _is_pickle(path):
+        from . import load
+        return load(path)
+    import joblib
+    _warn_pickle(path)
     try:
         return joblib.load(path)
     except Exception as err:  # noqa: BLE001 - joblib raises anything on a foreign file
@@ -84,9 +111,8 @@ def run_demo(args):
 
 
 def fit(args):
-    """Fit a FlowPrior on the rows of a data file and save it with joblib."""
-    import joblib
-
+    """Fit a FlowPrior on the rows of a data file and save it as a flowsk model file (or a
+    joblib pickle, for a .joblib path)."""
     from . import FlowPrior
     X = _load_array(args.data)
     prior = FlowPrior(image_shape=args.image_shape and tuple(args.image_shape),
@@ -95,7 +121,7 @@ def fit(args):
                       coupling=args.coupling, dequantize=args.dequantize,
                       max_epochs=args.max_epochs, random_state=args.random_state, verbose=1)
     prior.fit(X)
-    joblib.dump(prior, args.model)
+    _save_model(prior, args.model)
     print(f"fitted on {X.shape[0]} samples x {X.shape[1]} features; mean log-likelihood "
           f"{prior.score(X):.2f} nats; saved {args.model}")
 
@@ -160,10 +186,11 @@ def _parser():
     p.add_argument("--quick", action="store_true", help="a fast smoke run (poor quality)")
     p.set_defaults(func=run_demo)
 
-    p = sub.add_parser("fit", help="fit a FlowPrior on .npy or CSV data, save with joblib",
+    p = sub.add_parser("fit", help="fit a FlowPrior on .npy or CSV data and save it",
                        description=fit.__doc__)
     p.add_argument("data", help="(n_samples, n_features) array: .npy, or CSV without header")
-    p.add_argument("model", help="output .joblib file")
+    p.add_argument("model", help="output model file, e.g. model.flowsk (safe to share); a "
+                                 ".joblib path writes a pickle")
     p.add_argument("--image-shape", type=int, nargs=3, metavar=("C", "H", "W"))
     p.add_argument("--data-range", type=float, nargs=2, metavar=("LO", "HI"))
     p.add_argument("--architecture", choices=("mlp", "glow", "realnvp", "chavez"),
@@ -178,7 +205,7 @@ def _parser():
 
     p = sub.add_parser("solve", help="reconstruct signals from measurements",
                        description=solve.__doc__)
-    p.add_argument("model", help=".joblib file written by 'fit'")
+    p.add_argument("model", help="model file written by 'fit' (.flowsk, or .joblib)")
     p.add_argument("measurements", help="(n_obs, m) array: .npy or CSV")
     p.add_argument("output", help="reconstructions (n_obs, n_features): .npy or CSV")
     p.add_argument("--operator", required=True,
@@ -194,7 +221,7 @@ def _parser():
 
     p = sub.add_parser("export", help="export a saved estimator to ONNX",
                        description=export.__doc__)
-    p.add_argument("model", help=".joblib file")
+    p.add_argument("model", help="model file: .flowsk (flowsk.save), or .joblib")
     p.add_argument("output", help=".onnx file")
     p.add_argument("--part", default="decoder", help="decoder, encoder, log_prob, ...")
     p.set_defaults(func=export)

@@ -148,15 +148,18 @@ class InjectiveFlowPrior(BaseFlowEstimator):
     def _nll_loss(h, batch):
         return -h.log_prob(batch).mean()
 
+    def _build_flow(self, n_features, seed):
+        """The untrained flow on ``n_features``; ``seed`` (int) seeds its random layers."""
+        return build_injective_flow(
+            n_features, self._resolve_latent_dim(n_features), image_shape=self.image_shape,
+            activation=self.activation, coupling=self.coupling, n_steps=self.n_steps,
+            n_latent_steps=self.n_latent_steps, hidden_features=self.hidden_features,
+            data_range=self.data_range, regularization=self.regularization,
+            random_state=seed)
+
     def _fit(self, X, rng):
-        d = self._resolve_latent_dim(X.shape[1])
-        self.flow_ = build_injective_flow(
-            X.shape[1], d, image_shape=self.image_shape, activation=self.activation,
-            coupling=self.coupling, n_steps=self.n_steps, n_latent_steps=self.n_latent_steps,
-            hidden_features=self.hidden_features, data_range=self.data_range,
-            regularization=self.regularization,
-            random_state=rng.randint(2**31 - 1)).to(self.device_)
-        self.latent_dim_ = d
+        self.flow_ = self._build_flow(X.shape[1], rng.randint(2**31 - 1)).to(self.device_)
+        self.latent_dim_ = self.flow_.latent_dim
         data = self._tensor(X)
         options = {"batch_size": self.batch_size, "learning_rate": self.learning_rate,
                    "weight_decay": self.weight_decay,

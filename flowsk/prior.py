@@ -321,12 +321,16 @@ class FlowPrior(BaseFlowEstimator):
             batch = dequantize(batch, self.dequantize, self.data_range)
         return -flow.log_prob(batch).mean()
 
-    def _fit(self, X, rng):
-        self.flow_ = build_flow(
-            X.shape[1], image_shape=self.image_shape, architecture=self._architecture(),
+    def _build_flow(self, n_features, seed):
+        """The untrained flow on ``n_features``; ``seed`` (int) seeds its random layers."""
+        return build_flow(
+            n_features, image_shape=self.image_shape, architecture=self._architecture(),
             coupling=self.coupling, n_levels=self.n_levels, n_steps=self._setting("n_steps"),
             hidden_features=self._setting("hidden_features"), data_range=self.data_range,
-            random_state=rng.randint(2**31 - 1)).to(self.device_)
+            random_state=seed)
+
+    def _fit(self, X, rng):
+        self.flow_ = self._build_flow(X.shape[1], rng.randint(2**31 - 1)).to(self.device_)
         self.history_, self.best_epoch_ = train(
             self.flow_, self._loss, X, max_epochs=self.max_epochs,
             batch_size=self.batch_size, learning_rate=self._setting("learning_rate"),

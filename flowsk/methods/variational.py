@@ -399,13 +399,10 @@ class AmortizedVI(Method):
 
         with torch.random.fork_rng(devices=[]):  # the caller's global generator is untouched
             torch.manual_seed(seed)
-            model = build_flow(d, architecture="mlp", coupling=p["coupling"],
-                               n_steps=p["n_steps"], hidden_features=p["hidden_features"],
-                               context_features=m, random_state=seed).to(device)
-            model.encoder = ResidualEncoder(m, p["hidden_features"]).to(device)
+            model = amortized_model(d, m, p, seed).to(device)
             # standardise the context so that the encoder sees unit-scale inputs
-            model.register_buffer("y_mean", Yt.mean(0))
-            model.register_buffer("y_std", Yt.std(0) + 1e-6)
+            model.y_mean.copy_(Yt.mean(0))
+            model.y_std.copy_(Yt.std(0) + 1e-6)
             train(model, loss_fn, torch.cat([Z, Yt], 1), max_epochs=p["n_iter"],
                   batch_size=p["batch_size"], learning_rate=p["learning_rate"],
                   rng=np.random.RandomState(seed), verbose=problem.verbose, desc="amortized-vi")
@@ -423,6 +420,22 @@ class AmortizedVI(Method):
             _, x = redraw_nonfinite(lambda: problem.randn(n * n_samples, flow.latent_dim),
                                     lambda eps: amortized_draw(model, flow, Y, eps))
             return x.view(n, n_samples, -1)
+
+
+def amortized_model(latent_dim, m, params, seed):
+    """The untrained ``amortized-vi`` model for latents of ``latent_dim`` and measurements of
+    width ``m``, with the ``coupling``, ``n_steps`` and ``hidden_features`` of ``params``:
+    a conditional flow with an ``encoder`` and the buffers ``y_mean`` (zeros) and ``y_std``
+    (ones). ``seed`` (int) seeds its random layers."""
+    for name in ("n_steps", "hidden_features"):
+        check_int(name, params[name], 1)
+    model = build_flow(latent_dim, architecture="mlp", coupling=params["coupling"],
+                       n_steps=params["n_steps"], hidden_features=params["hidden_features"],
+                       context_features=m, random_state=seed)
+    model.encoder = ResidualEncoder(m, params["hidden_features"])
+    model.register_buffer("y_mean", torch.zeros(m))
+    model.register_buffer("y_std", torch.ones(m))
+    return model
 
 
 def amortized_context(model, Y):
