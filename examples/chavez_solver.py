@@ -18,6 +18,7 @@ Writes ``table1.txt`` and one figure per task (``denoising.png``, ``deblurring.p
     python examples/chavez_solver.py [--quick] [--out DIR]
 """
 import argparse
+import json
 from pathlib import Path
 
 import matplotlib
@@ -91,6 +92,8 @@ def main():
         Y = op.measure(X_test, noise_std=noise, random_state=0)
         measured = op.pinv(torch.as_tensor(Y, dtype=torch.float32)).numpy()
         rows = [("truth", X_test), ("measurement", measured)]
+        table["measurement", task] = (psnr(X_test, np.clip(measured, 0, 1)).mean(),
+                                      ssim(X_test, np.clip(measured, 0, 1), shape).mean())
         for method, kw in params.items():
             R = InverseSolver(prior, op, method=method, n_iter=n_iter, random_state=0,
                               **kw).predict(Y)
@@ -112,7 +115,11 @@ def main():
     text = "\n".join(lines)
     print("\n" + text)
     (out / "table1.txt").write_text(text + "\n")
-    print(f"wrote table1.txt and {', '.join(f'{t}.png' for t in names)} to {out.resolve()}")
+    (out / "metrics.json").write_text(json.dumps(
+        {f"{method}/{task}": {"psnr": float(v[0]), "ssim": float(v[1])}
+         for (method, task), v in table.items()}, indent=1))
+    print(f"wrote table1.txt, metrics.json and {', '.join(f'{t}.png' for t in names)} to "
+          f"{out.resolve()}")
 
 
 if __name__ == "__main__":

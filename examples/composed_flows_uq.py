@@ -16,6 +16,7 @@ Writes ``posterior.png`` (truth, measurement, draws, mean, std) and ``sigma.png`
     python examples/composed_flows_uq.py [--quick] [--out DIR]
 """
 import argparse
+import json
 from pathlib import Path
 
 import matplotlib
@@ -100,7 +101,10 @@ def main():
     ax2.legend()
     fig.savefig(out / "sigma.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    print(f"wrote posterior.png and sigma.png to {out.resolve()}")
+    keys = ("sigma", "psnr_mean", "psnr_single_draw", "std_hole", "std_observed")
+    (out / "metrics.json").write_text(json.dumps([dict(zip(keys, map(float, row)))
+                                                  for row in rows], indent=1))
+    print(f"wrote posterior.png, sigma.png and metrics.json to {out.resolve()}")
 
 
 if __name__ == "__main__":

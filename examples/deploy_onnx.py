@@ -77,12 +77,14 @@ def main():
                       random_state=0, verbose=1).fit(X_train)
 
     path = to_onnx(prior, out / "decoder.onnx", part="decoder")
+    metrics = {"decoder_error": check_onnx(path, prior)}
     print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB); parity check "
-          f"(exporters.check_onnx): max abs error {check_onnx(path, prior):.1e}")
+          f"(exporters.check_onnx): max abs error {metrics['decoder_error']:.1e}")
     ref = prior.sample(16, temperature=0.8, random_state=0)
     got = onnx_samples(path, 16, temperature=0.8, seed=0).reshape(16, -1)
+    metrics["samples_difference"] = float(np.abs(got - ref).max())
     print(f"onnxruntime samples vs prior.sample(16, temperature=0.8, random_state=0): "
-          f"max abs difference {np.abs(got - ref).max():.1e}")
+          f"max abs difference {metrics['samples_difference']:.1e}")
     n = 4096
     t = time.perf_counter()
     onnx_samples(path, n)
@@ -112,16 +114,22 @@ def main():
         parts = []
     if "posterior_sampler" not in parts:
         print("this exporter has no posterior_sampler part; skipped the amortized-vi export")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         return
     solver.fit(op.measure(X_train, noise_std=0.01, random_state=0), X_train)
     path = to_onnx(solver, out / "posterior_sampler.onnx", part="posterior_sampler")
-    print(f"exported {path}; parity check: max abs error {check_onnx(path, solver):.1e}")
+    metrics["sampler_error"] = check_onnx(path, solver)
+    print(f"exported {path}; parity check: max abs error {metrics['sampler_error']:.1e}")
     X_test = X_test[:8 if args.quick else 100]
     Y = op.measure(X_test, noise_std=0.01, random_state=1)
     mean, std = onnx_posterior(path, Y)
+    metrics["psnr_onnx_mean"] = float(psnr(X_test, mean).mean())
+    metrics["psnr_predict"] = float(psnr(X_test, solver.predict(Y)).mean())
+    metrics["psnr_pinv"] = float(psnr(X_test, InverseSolver(prior, op, method="pinv")
+                                      .predict(Y)).mean())
     print(f"amortized-vi inpainting of {len(Y)} digits: PSNR of the onnxruntime posterior "
-          f"mean {psnr(X_test, mean).mean():.2f} dB, of PyTorch's predict "
-          f"{psnr(X_test, solver.predict(Y)).mean():.2f} dB")
+          f"mean {metrics['psnr_onnx_mean']:.2f} dB, of PyTorch's predict "
+          f"{metrics['psnr_predict']:.2f} dB (pinv {metrics['psnr_pinv']:.2f} dB)")
     fig, axes = plt.subplots(3, 8, figsize=(8, 3.3))
     for j in range(8):
         for ax, img, cmap, vmax in zip(axes[:, j], [X_test[j], mean[j], std[j]],
@@ -132,7 +140,8 @@ def main():
         ax.set_ylabel(label, fontsize=7)
     fig.savefig(out / "posterior.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    print(f"wrote posterior_sampler.onnx and posterior.png to {out.resolve()}")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(f"wrote posterior_sampler.onnx, posterior.png and metrics.json to {out.resolve()}")
 
 
 if __name__ == "__main__":

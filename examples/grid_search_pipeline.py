@@ -17,6 +17,7 @@ PSNR against each hyperparameter)::
     python examples/grid_search_pipeline.py [--quick] [--out DIR]
 """
 import argparse
+import json
 from pathlib import Path
 
 import matplotlib
@@ -63,6 +64,8 @@ def main():
         "map": (InverseSolver(prior, op, method="map", n_iter=n_iter, random_state=0),
                 {"sigma": [0.02, 0.05, 0.1, 0.3]}),
     }
+    metrics = {"pinv": {"test_psnr": InverseSolver(prior, op, method="pinv")
+                        .score(Y_test, X_test)}}
     fig, axes = plt.subplots(1, len(searches), figsize=(4 * len(searches), 3.3))
     print(f"\n{'method':11s} {'best parameters':45s} {'CV PSNR':>8s} {'test PSNR':>10s}")
     for ax, (name, (estimator, grid)) in zip(axes, searches.items()):
@@ -72,8 +75,10 @@ def main():
         search.fit(Y_val, X_val)
         best = {k: v if isinstance(v, (str, float)) else "clip" for k, v in
                 search.best_params_.items()}
+        metrics[name] = {"best_params": best, "cv_psnr": search.best_score_,
+                         "test_psnr": search.score(Y_test, X_test)}
         print(f"{name:11s} {best!s:45s} {search.best_score_:8.2f} "
-              f"{search.score(Y_test, X_test):10.2f}", flush=True)
+              f"{metrics[name]['test_psnr']:10.2f}", flush=True)
         key, values = next((k, v) for k, v in grid.items() if k != "clip")
         scores = search.cv_results_["mean_test_score"]
         if name == "likelihood":  # one curve per clip setting
@@ -90,7 +95,8 @@ def main():
     fig.tight_layout()
     fig.savefig(out / "grid_search.png", dpi=120)
     plt.close(fig)
-    print(f"wrote grid_search.png to {out.resolve()}")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(f"wrote grid_search.png and metrics.json to {out.resolve()}")
 
 
 if __name__ == "__main__":

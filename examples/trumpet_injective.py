@@ -7,11 +7,13 @@ to their projections (with the relative error ``||x - G(G^+(x))|| / ||x||``), sa
 the reconstructions of centre-inpainted digits by ``iflow`` (projected gradient on the data
 fit), ``iflow-l`` (the same plus ``beta * -log p(x)``) and ``csgm`` (latent optimisation).
 
-Writes ``projections.png``, ``samples.png`` and ``inpainting.png``::
+Writes ``projections.png``, ``samples.png``, ``inpainting.png`` and ``metrics.json`` (the
+printed numbers)::
 
     python examples/trumpet_injective.py [--quick] [--out DIR]
 """
 import argparse
+import json
 from pathlib import Path
 
 import matplotlib
@@ -59,6 +61,7 @@ def main():
                                max_epochs=1 if args.quick else 40, random_state=0,
                                verbose=1).fit(X_train)
     err = prior.reconstruction_error(X_test)
+    metrics = {"relative_error_mean": float(err.mean())}
     print(f"relative reconstruction error ||x - G(G^+(x))|| / ||x||: mean {err.mean():.3f}")
     image_grid({"digit": X_test[:8], "G(G^+(x))": prior.project(X_test[:8])},
                out / "projections.png", f"projection onto the range, mean relative error "
@@ -77,9 +80,12 @@ def main():
     for name, params in solvers.items():
         R = InverseSolver(prior, op, random_state=0, **params).predict(Y)
         rows[name] = R[:8]
-        print(f"inpainting  {name:8s} PSNR {psnr(X_test, R).mean():6.2f} dB")
+        metrics[f"psnr_{name}"] = float(psnr(X_test, R).mean())
+        print(f"inpainting  {name:8s} PSNR {metrics[f'psnr_{name}']:6.2f} dB")
     image_grid(rows, out / "inpainting.png", "centre 4x4 box missing, noise 0.01")
-    print(f"wrote projections.png, samples.png and inpainting.png to {out.resolve()}")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(f"wrote projections.png, samples.png, inpainting.png and metrics.json to "
+          f"{out.resolve()}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ class InjectiveFlowPrior(BaseFlowEstimator):
     n_steps : int
         Bijective revnet steps at each stage of the injective part.
     n_latent_steps : int
-        Steps of the low-dimensional flow ``h``.
+        Steps (>= 1) of the low-dimensional flow ``h``, the part the ML phase fits.
     hidden_features : int
         Width of the conditioner networks.
     data_range : (lo, hi) or None
@@ -47,14 +47,16 @@ class InjectiveFlowPrior(BaseFlowEstimator):
     regularization : float
         Tikhonov parameter ``lambda`` of the pseudo-inverses ``(W^T W + lambda I)^{-1} W^T``.
         On the range, ``G^+(G(z))`` misses ``z`` by about ``lambda / s_min(W)^2``.
-    logdet : {"bound", "exact", "stochastic"}
-        How ``score_samples`` treats ``log det(J^T J)`` of ``g``: the layer-wise bound (6) of
-        the paper (one pass; exact only in special cases and otherwise a proxy that can be
-        far off -- see :mod:`flowsk.nn.injective`), the exact slogdet of
-        the Jacobian (``latent_dim`` forward-mode passes), or Algorithm 2's stochastic estimate
-        (truncated Neumann series + Hutchinson, ``n_probes`` probes, ``n_terms`` terms).
-    n_probes, n_terms : int
-        Settings of the stochastic estimator.
+    logdet : {"auto", "exact", "stochastic", "bound"}
+        How ``score_samples`` computes ``0.5 log det(J^T J)`` of ``g``: the exact slogdet of the
+        Jacobian (``latent_dim`` Jacobian-vector products per sample), Algorithm 2's
+        stochastic estimate (truncated Neumann series + Hutchinson, ``n_probes`` probes,
+        ``n_terms`` terms: about ``2 n_probes n_terms`` products), or the one-pass bound
+        (layer-wise terms plus the logit's tangent term; tens of nats off after training, see
+        :mod:`flowsk.nn.injective`). ``"auto"`` is ``"exact"`` when ``latent_dim <= n_probes
+        * n_terms`` (then no more costly than the estimate, and without its error) and
+        ``"stochastic"`` otherwise. The solvers always use the bound: ``map`` and
+        ``likelihood`` through the generator, ``iflow-l`` through ``G^+``.
     max_epochs : int
         Epoch budget of each training phase (early stopping usually ends them sooner).
     batch_size, learning_rate, weight_decay, validation_fraction, n_iter_no_change
@@ -84,7 +86,7 @@ class InjectiveFlowPrior(BaseFlowEstimator):
 
     def __init__(self, image_shape=None, latent_dim=None, activation="linear",
                  coupling="affine", n_steps=2, n_latent_steps=4, hidden_features=64,
-                 data_range=None, regularization=1e-6, logdet="bound", n_probes=16,
+                 data_range=None, regularization=1e-6, logdet="auto", n_probes=16,
                  n_terms=20, max_epochs=40, batch_size=64, learning_rate=3e-3,
                  weight_decay=0.0, validation_fraction=0.1, n_iter_no_change=10,
                  on_nonfinite="raise", device="auto", random_state=None, verbose=0):
@@ -120,13 +122,13 @@ class InjectiveFlowPrior(BaseFlowEstimator):
                              f"got {self.latent_dim!r}")
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("coupling", self.coupling, TRANSFORMS)
-        for name, low in (("n_steps", 0), ("n_latent_steps", 0), ("hidden_features", 1),
+        for name, low in (("n_steps", 0), ("n_latent_steps", 1), ("hidden_features", 1),
                           ("n_probes", 1), ("n_terms", 1)):
             check_int(name, getattr(self, name), low)
         if not is_real(self.regularization, 0):
             raise ValueError(f"regularization must be finite and >= 0, "
                              f"got {self.regularization!r}")
-        check_choice("logdet", self.logdet, LOGDET_METHODS)
+        check_choice("logdet", self.logdet, ("auto", *LOGDET_METHODS))
 
     def _resolve_latent_dim(self, n_features):
         d = n_features // 2 if self.latent_dim is None else int(self.latent_dim)
@@ -184,19 +186,35 @@ class InjectiveFlowPrior(BaseFlowEstimator):
         self.flow_.eval()
 
     # -- public methods -----------------------------------------------------------------------
-    def score_samples(self, X):
-        """Log-density of the projection of each sample on the manifold, nats:
-        ``(n, n_features) -> (n,)``, eq. (2) of the paper with the ``logdet`` method. The
-        stochastic estimator's probes are seeded from ``random_state`` (0 unless it is an int),
-        so repeated calls agree."""
+    def _logdet_method(self):
+        """The method ``score_samples`` uses: ``logdet`` with ``"auto"`` resolved."""
         check_is_fitted(self)
+        if self.logdet != "auto":
+            return self.logdet
+        return "exact" if self.latent_dim_ <= self.n_probes * self.n_terms else "stochastic"
+
+    def score_samples(self, X):
+        """Log-density of the projection of each sample on the ``latent_dim``-dimensional
+        manifold, nats: ``(n, n_features) -> (n,)``, eq. (2) of the paper with the ``logdet``
+        method. A density on the manifold, not on ``R^n_features``: not comparable with a
+        bijective prior's ``score_samples``. The stochastic estimator's probes are seeded from
+        ``random_state`` (0 unless it is an int), so repeated calls agree."""
+        method = self._logdet_method()
         X = self._validate(X)
         generator = torch.Generator().manual_seed(
             0 if not isinstance(self.random_state, numbers.Integral) else
             int(self.random_state))
         return check_finite_output(self._map(lambda x: self.flow_.log_prob(
-            x, logdet=self.logdet, n_probes=self.n_probes, n_terms=self.n_terms,
+            x, logdet=method, n_probes=self.n_probes, n_terms=self.n_terms,
             generator=generator), X), self.on_nonfinite, "log-likelihoods")
+
+    def bits_per_dim(self, X, n_bits=None):
+        """Not defined: ``score_samples`` is a density on a ``latent_dim``-dimensional
+        manifold, and bits per dimension of ``R^n_features`` would compare it with densities
+        of a different dimension."""
+        raise NotImplementedError(
+            "bits_per_dim compares densities on R^n_features; an InjectiveFlowPrior's "
+            "score_samples is a density on its latent_dim-dimensional manifold")
 
     def project(self, X):
         """Projection ``G(G^+(x))`` onto the range: ``(n, n_features) -> (n, n_features)``."""

@@ -1,4 +1,5 @@
 """Injective layers, TRUMPET flows and InjectiveFlowPrior."""
+import copy
 import math
 import pickle
 
@@ -172,7 +173,7 @@ def test_project_is_idempotent_and_fixes_the_range(config):
     on_range = flow.inverse(z)[0]
     torch.testing.assert_close(flow.project(on_range), on_range, atol=1e-10, rtol=0)
     if "data_range" in config:
-        # the logit's clamp moves some projections off the smooth manifold: stay inside
+        # project clips to data_range, which moves points near its edges off the manifold
         x = on_range + 0.01 * torch.randn_like(on_range)
         x = x.clamp(0.2, 0.8)
     else:
@@ -213,29 +214,83 @@ def test_bound_is_exact_for_one_injective_layer_at_the_data_end():
                                rtol=0)
 
 
-def test_bound_is_exact_for_isometric_layers():
-    """At initialisation every layer of g is an isometry (orthonormal injective weights,
-    rotations, identity couplings): bound and exact log-det are both 0 (to the float32
-    precision the weights were drawn in)."""
-    flow = build_injective_flow(16, 4, image_shape=(1, 4, 4), n_steps=2, hidden_features=8,
-                                random_state=0).double().eval()
-    z = torch.randn(5, 4, dtype=F64)
-    torch.testing.assert_close(flow.decode_manifold(z)[1], torch.zeros(5, dtype=F64),
-                               atol=1e-5, rtol=0)
-    torch.testing.assert_close(flow.exact_half_logdet(z), torch.zeros(5, dtype=F64),
-                               atol=1e-5, rtol=0)
+def _latent_most_injective(flow):
+    return [m for m in flow.injective.layers if isinstance(m, InjectiveLinear)][-1]
 
 
-def test_bound_differs_from_exact_in_general():
-    """With data-side layers that are not isometries the layer-wise sum is only a proxy (the
-    paper's Claim 1 presents it as an upper bound; it need not be one)."""
-    flow = _flow(image_shape=(1, 4, 4), n_features=16, latent_dim=4, data_range=(0, 1),
+@pytest.mark.parametrize("config", [
+    pytest.param({"n_features": 8, "latent_dim": 3}, id="vector"),
+    pytest.param({"image_shape": (1, 4, 4), "n_features": 16, "latent_dim": 4}, id="image"),
+])
+def test_bound_is_exact_for_isometric_layers(config):
+    """Layers on the data side of every injective layer are isometries (random rotations,
+    orthonormal injective weights, identity couplings and ActNorms, all drawn in float64); the
+    latent-most injective layer and ``h`` are perturbed, so the log-density is not trivial."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(F64)
+    try:
+        flow = build_injective_flow(**config, n_steps=1, n_latent_steps=2, hidden_features=8,
+                                    regularization=0.0, random_state=0).eval()
+    finally:
+        torch.set_default_dtype(default)
+    assert sum(isinstance(m, InjectiveLinear) for m in flow.modules()) == 2
+    _perturb(_latent_most_injective(flow), 0.4)
+    _perturb(flow.bijective, 0.15)
+    flow.eval()  # the layers' cached pseudo-inverses and log-dets follow the new weights
+    z = 0.5 * torch.randn(5, flow.latent_dim, dtype=F64)
+    bound = flow.decode_manifold(z)[1]
+    torch.testing.assert_close(bound, _autograd_half_logdet(flow.manifold_map(), z),
+                               atol=1e-10, rtol=0)
+    assert bound.abs().min() > 0.1
+    x = flow.inverse(z)[0]
+    torch.testing.assert_close(flow.log_prob(x), flow.log_prob(x, logdet="exact"), atol=1e-10,
+                               rtol=0)
+
+
+def _without_logit(flow):
+    """``g`` without its data-end logit: the layers whose Jacobian ``M`` the logit's ``D``
+    multiplies."""
+    return lambda t: flow.injective.inverse(t)[0].reshape(len(t), -1)
+
+
+@pytest.mark.parametrize("config", [
+    pytest.param({"n_features": 8, "latent_dim": 3}, id="vector"),
+    pytest.param({"n_features": 8, "latent_dim": 3, "activation": "relu"}, id="vector-relu"),
+    pytest.param({"image_shape": (1, 4, 4), "n_features": 16, "latent_dim": 4}, id="image"),
+    pytest.param({"image_shape": (2, 4, 2), "n_features": 16, "latent_dim": 5}, id="image-dense"),
+])
+def test_logit_term_bounds_its_tangent_term(config):
+    """The logit contributes 0.5 log det(Q^T D^2 Q) (Q the tangent space): brute force, from
+    autograd Jacobians with and without the logit. The bound's term lies above it and the sum
+    of the d smallest log-slopes below (Poincare's separation theorem)."""
+    flow = _flow(data_range=(0, 1), scale=0.3, **config)
+    z = torch.randn(6, flow.latent_dim, dtype=F64)
+    tangent = (_autograd_half_logdet(flow.manifold_map(), z)
+               - _autograd_half_logdet(_without_logit(flow), z))
+    pre_logit = _without_logit(flow)(z)
+    bound = flow.logit_tangent_bound(pre_logit)
+    smallest = flow.logit.inverse_log_slope(pre_logit).topk(flow.latent_dim, 1, largest=False)
+    assert torch.all(smallest.values.sum(1) <= tangent) and torch.all(tangent <= bound)
+    # the bound's generator log-det is the layer-wise sum of g's layers plus this term
+    torch.testing.assert_close(flow.decode_manifold(z)[1],
+                               flow.injective.inverse(z)[1] + bound, atol=1e-12, rtol=0)
+
+
+def test_bound_gap_at_the_data_end_is_the_logit_gap():
+    """Eq. (12) with a logit: the layer-wise terms are exact, so the bound's gap in log p is
+    the logit's alone, top-d log-slopes minus the brute-force tangent term, and log p is
+    bounded from below."""
+    flow = _flow(n_features=8, latent_dim=4, n_steps=0, n_latent_steps=3, data_range=(0, 1),
                  scale=0.3)
-    z = 0.5 * torch.randn(5, 4, dtype=F64)
+    z = 0.5 * torch.randn(5, 4, dtype=F64)  # away from the logit's tails, where x -> z loses
+    x = flow.inverse(z)[0]                   # digits to saturation
     z_manifold = flow.bijective.inverse(z)[0]
-    bound = flow.decode_manifold(z_manifold)[1]
-    exact = flow.exact_half_logdet(z_manifold)
-    assert (bound - exact).abs().min() > 0.1
+    tangent = (_autograd_half_logdet(flow.manifold_map(), z_manifold)
+               - _autograd_half_logdet(_without_logit(flow), z_manifold))
+    gap = flow.logit_tangent_bound(_without_logit(flow)(z_manifold)) - tangent
+    exact = flow.log_prob(x, logdet="exact")
+    torch.testing.assert_close(exact - flow.log_prob(x), gap, atol=1e-9, rtol=0)
+    assert torch.all(gap >= 0) and gap.max() > 0.1
 
 
 # -- the stochastic estimator ------------------------------------------------------------------
@@ -367,16 +422,51 @@ def test_estimator_contract_vector(fitted_vector, vector_data):
 
 
 def test_estimator_logdet_options(fitted_vector, vector_data):
-    """``logdet`` is read at scoring time, so it can be switched on a fitted prior."""
+    """``logdet`` is read at scoring time, so it can be switched on a fitted prior; the
+    default ``"auto"`` is the exact value here (latent_dim 2 <= n_probes * n_terms)."""
     X = vector_data[:5]
     prior = pickle.loads(pickle.dumps(fitted_vector))
-    s_bound = prior.score_samples(X)
+    assert prior.logdet == "auto"
+    s_auto = prior.score_samples(X)
     s_exact = prior.set_params(logdet="exact").score_samples(X)
+    np.testing.assert_array_equal(s_auto, s_exact)
     prior.set_params(logdet="stochastic", n_probes=64, n_terms=40)
     s_stoch = prior.score_samples(X)
     np.testing.assert_array_equal(s_stoch, prior.score_samples(X))  # seeded: reproducible
     assert np.abs(s_stoch - s_exact).max() < 0.5
-    assert np.all(np.isfinite(s_bound)) and not np.allclose(s_bound, s_exact)
+    # "auto" takes the stochastic estimate when the exact value needs more products
+    prior.set_params(logdet="auto", n_probes=1, n_terms=1)
+    np.testing.assert_array_equal(prior.score_samples(X),
+                                  prior.set_params(logdet="stochastic").score_samples(X))
+    s_bound = prior.set_params(logdet="bound").score_samples(X)
+    flow = prior.flow_
+    np.testing.assert_allclose(s_bound, flow.log_prob(torch.tensor(X, dtype=torch.float32))
+                               .detach().numpy(), rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data_range", [None, (0, 1)], ids=["unbounded", "logit"])
+def test_trained_prior_scores_the_brute_force_density(digits, data_range):
+    """After training (not an identity-like model): the default score is log N(z) - log|det
+    J_h| - 0.5 log det(J_g^T J_g) with J_g from torch.autograd in float64, and the bound's
+    logit term lies above its brute-force tangent term."""
+    X, shape = digits
+    prior = InjectiveFlowPrior(image_shape=shape, latent_dim=16, data_range=data_range,
+                               **{**TINY, "max_epochs": 3}).fit(X)
+    flow = copy.deepcopy(prior.flow_).double()
+    x = torch.tensor(X[:4], dtype=F64)
+    z_manifold = flow.encode_manifold(x)[0]
+    z, ld_h = flow.bijective(z_manifold)
+    g = flow.manifold_map()
+    log_n = -0.5 * (z**2).sum(1) - 0.5 * flow.latent_dim * math.log(2 * math.pi)
+    brute = (log_n + ld_h - _autograd_half_logdet(g, z_manifold)).detach().numpy()
+    # the estimator runs in float32: its Jacobian carries float32 rounding
+    np.testing.assert_allclose(prior.score_samples(X[:4]), brute, atol=1e-4, rtol=0)
+    if data_range is not None:
+        tangent = (_autograd_half_logdet(g, z_manifold)
+                   - _autograd_half_logdet(_without_logit(flow), z_manifold))
+        bound = flow.logit_tangent_bound(_without_logit(flow)(z_manifold))
+        assert torch.all(tangent <= bound)
 
 
 def test_estimator_images_and_data_range(digits):
@@ -431,6 +521,7 @@ def test_fit_is_reproducible(vector_data):
     ({"logdet": "hutchinson"}, (20, 6), "logdet"),
     ({"n_probes": 0}, (20, 6), "n_probes"),
     ({"n_steps": -1}, (20, 6), "n_steps"),
+    ({"n_latent_steps": 0}, (20, 6), "n_latent_steps"),
     ({"regularization": -1e-6}, (20, 6), "regularization"),
     ({"max_epochs": 0}, (20, 6), "max_epochs"),
 ])
@@ -449,6 +540,8 @@ def test_bad_inputs(fitted_vector, vector_data):
         fitted_vector.inverse_transform(np.zeros((3, 6)))
     with pytest.raises(ValueError, match="NaN|infinity"):
         fitted_vector.transform(np.full((2, 6), np.nan))
+    with pytest.raises(NotImplementedError, match="manifold"):
+        fitted_vector.bits_per_dim(vector_data)
     bounded = InjectiveFlowPrior(latent_dim=2, data_range=(0, 1), **TINY)
     with pytest.raises(ValueError, match="outside data_range"):
         bounded.fit(vector_data)

@@ -17,6 +17,8 @@ import flowsk
 from exporters import FORBIDDEN_OPS, available_parts, check_onnx, op_types, read_metadata, to_onnx
 from exporters.onnx import _cpu_copy, _get_part
 from flowsk import FlowPrior
+from flowsk.methods.variational import amortized_context
+from flowsk.nn.coupling import Coupling
 from flowsk.operators import Inpainting
 
 ARCHITECTURES = ["mlp", "glow", "realnvp", "chavez"]
@@ -24,6 +26,12 @@ COUPLINGS = ["affine", "additive", "spline", "robust-spline"]
 PARTS = ["decoder", "encoder", "log_prob"]
 BATCHES = (1, 7, 300)
 TOL = 1e-4
+# Every fitted model below has each parameter moved by this much times a standard normal draw:
+# one epoch from zero-initialised output layers leaves couplings (splines most) near the
+# identity, where export errors in the transforms could not show.
+PERTURBATION = 0.3
+# ... and then every coupling moves its transformed half by at least this much somewhere.
+MIN_COUPLING_MOVE = 0.1
 # The matrix below runs the image architectures with one level (squeeze, steps, no split) to
 # stay fast; these add multiscale splits (two and three levels, 1x1 maps at the last level)
 # and unbounded data (no logit layer, spline tails in use).
@@ -54,12 +62,42 @@ def _prior(*args):
     return _fit(*_config(*args))
 
 
+def _perturb(module, seed=0):
+    """Add ``PERTURBATION`` standard normal noise to every parameter of ``module`` (in eval
+    mode, which refreshes the cached LU inverses and pseudo-inverses)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(PERTURBATION * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return module.eval()
+
+
+def coupling_moves(module, run):
+    """The largest ``|output - input|`` of each coupling layer of ``module`` run forward
+    (data to latent) during ``run()``; a coupling that moves its input forward does so in
+    its inverse too (the inverse of a non-identity map)."""
+    moves = []
+    hooks = [m.register_forward_hook(
+        lambda layer, inputs, output: moves.append((output[0] - inputs[0]).abs().max().item()))
+        for m in module.modules() if isinstance(m, Coupling)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert moves, "no coupling layer ran"
+    return moves
+
+
 @functools.cache
 def _fit(architecture, coupling, data_range, image_shape, n_levels):
-    return FlowPrior(image_shape=image_shape, architecture=architecture, coupling=coupling,
-                     n_levels=n_levels, n_steps=1, hidden_features=8, data_range=data_range,
-                     max_epochs=1, batch_size=16, random_state=0, device="cpu",
-                     on_nonfinite="warn").fit(_data(image_shape))
+    est = FlowPrior(image_shape=image_shape, architecture=architecture, coupling=coupling,
+                    n_levels=n_levels, n_steps=1, hidden_features=8, data_range=data_range,
+                    max_epochs=1, batch_size=16, random_state=0, device="cpu",
+                    on_nonfinite="warn").fit(_data(image_shape))
+    _perturb(est.flow_)
+    return est
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +156,19 @@ def test_parity_unbounded_and_deeper_multiscale(exported, architecture, coupling
                                                 image_shape, n_levels, part):
     est, path = exported(part, architecture, coupling, data_range, image_shape, n_levels)
     _assert_parity(est, path, part)
+
+
+ALL_PRIORS = ([_config(a, c) for a in ARCHITECTURES for c in COUPLINGS]
+              + [p.values for p in EXTRA])
+
+
+@pytest.mark.parametrize("config", ALL_PRIORS, ids=lambda c: "-".join(map(str, c)))
+def test_exported_priors_are_far_from_the_identity(config):
+    """The perturbation bends the flows whose parity the tests check: every coupling moves the
+    transformed half of its input by at least MIN_COUPLING_MOVE on the data."""
+    est = _prior(*config)
+    x = torch.tensor(_data(config[3], seed=1), dtype=torch.float32)
+    assert min(coupling_moves(est.flow_, lambda: est.flow_(x))) > MIN_COUPLING_MOVE
 
 
 @pytest.mark.parametrize("part", PARTS)
@@ -292,11 +343,13 @@ def test_cuda_provider_parity(tmp_path):
 # -- InjectiveFlowPrior and the amortized posterior sampler -----------------------------------
 @functools.cache
 def _injective(image_shape, activation):
-    return flowsk.InjectiveFlowPrior(image_shape=image_shape, latent_dim=4,
-                                     activation=activation, n_steps=1, n_latent_steps=1,
-                                     hidden_features=8, data_range=(0.0, 1.0), max_epochs=1,
-                                     batch_size=16, random_state=0, device="cpu").fit(
+    est = flowsk.InjectiveFlowPrior(image_shape=image_shape, latent_dim=4,
+                                    activation=activation, n_steps=1, n_latent_steps=1,
+                                    hidden_features=8, data_range=(0.0, 1.0), max_epochs=1,
+                                    batch_size=16, random_state=0, device="cpu").fit(
         _data((1, 4, 4)))
+    _perturb(est.flow_)
+    return est
 
 
 @pytest.mark.parametrize("part", ["decoder", "projector"])
@@ -304,6 +357,8 @@ def _injective(image_shape, activation):
 @pytest.mark.parametrize("image_shape", [None, (1, 4, 4)], ids=["dense", "conv1x1"])
 def test_injective_parity(tmp_path, image_shape, activation, part):
     est = _injective(image_shape, activation)
+    x = torch.tensor(_data((1, 4, 4), seed=1), dtype=torch.float32)
+    assert min(coupling_moves(est.flow_, lambda: est.flow_(x))) > MIN_COUPLING_MOVE
     assert available_parts(est) == ["decoder", "projector"]
     path = to_onnx(est, tmp_path / f"{part}.onnx", part=part)
     _assert_parity(est, path, part)
@@ -320,12 +375,19 @@ def _amortized(coupling):
                                                  "n_simulations": 2000, "n_steps": 2,
                                                  "hidden_features": 16},
                                   random_state=0, device="cpu")
-    return solver.fit(operator.measure(prior.sample(5, random_state=0)))
+    solver.fit(operator.measure(prior.sample(5, random_state=0)))
+    _perturb(solver.model_)
+    return solver
 
 
 @pytest.mark.parametrize("coupling", ["affine", "robust-spline"])
 def test_posterior_sampler_parity(tmp_path, coupling):
     solver = _amortized(coupling)
+    Y, noise = map(torch.from_numpy, _get_part(solver, "posterior_sampler").sample_inputs(
+        solver, 40, np.random.RandomState(0)))
+    model = solver.model_
+    assert min(coupling_moves(model, lambda: model(noise, amortized_context(model, Y)))
+               ) > MIN_COUPLING_MOVE
     path = to_onnx(solver, tmp_path / "sampler.onnx", part="posterior_sampler")
     _assert_parity(solver, path, "posterior_sampler")
     meta = read_metadata(path)

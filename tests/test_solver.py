@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 import torch
+from scipy.optimize import minimize
+from scipy.special import expit, log_expit
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV
@@ -10,6 +12,7 @@ from flowsk import FlowPrior, InverseSolver
 from flowsk.methods import METHODS
 from flowsk.nn.base import Chain, Flow
 from flowsk.nn.linear import ActNorm, InvertibleLinear
+from flowsk.nn.multiscale import Logit
 from flowsk.operators import CompressedSensing, Denoising, FunctionOperator, Inpainting
 
 N = 6
@@ -99,6 +102,123 @@ def test_pinv_is_clipped_to_the_data_range():
     Y = np.array([[-2.0, 0.5, 3.0, 0.2, 0.9, 1.5]])
     X = InverseSolver(prior, Denoising(N), method="pinv").predict(Y)
     np.testing.assert_allclose(X, np.clip(Y, 0, 1), atol=1e-7)  # float32 compute
+
+
+# -- a bounded prior: the affine flow behind a logit ------------------------------------------
+LOGIT_ALPHA = 0.05  # Logit's default
+
+
+def bounded_prior(seed=0):
+    """``(prior, G)``: a fitted FlowPrior with ``data_range=(0, 1)`` whose flow is the affine
+    map of :func:`gaussian_prior` behind a logit, and ``G(z) -> (x, log|det dx/dz|)`` written
+    out in float64 NumPy: ``x = (sigmoid(mu + L z) - a) / (1 - 2 a)``."""
+    prior = gaussian_prior(seed)
+    mu, L = affine_generator(prior)
+    prior.flow_ = Flow(Chain(Logit((0, 1), alpha=LOGIT_ALPHA), *prior.flow_.body.layers), N,
+                       data_range=(0, 1)).eval().requires_grad_(False)
+    prior.data_range = (0.0, 1.0)
+    logdet_L = np.linalg.slogdet(L)[1]
+
+    def G(z):
+        t = mu + L @ z
+        x = (expit(t) - LOGIT_ALPHA) / (1 - 2 * LOGIT_ALPHA)
+        return x, logdet_L + np.sum(log_expit(t) + log_expit(-t) - np.log(1 - 2 * LOGIT_ALPHA))
+
+    return prior, G
+
+
+def log_p(G, z):
+    """``log p(G(z)) = log N(z; 0, I) - log|det dG/dz|``."""
+    return -0.5 * z @ z - 0.5 * N * np.log(2 * np.pi) - G(z)[1]
+
+
+def bounded_problems():
+    """``(operator, A, Y)``: compressed sensing of signals near the middle of the range, and
+    denoising of values up to 0.2 beyond it."""
+    cs = CompressedSensing(N, 4, random_state=0)
+    A = cs.matrix.numpy()
+    Y_cs = 0.5 * measurement(A) + A @ np.full(N, 0.5)
+    Y_dn = np.random.RandomState(2).uniform(-0.2, 1.2, (4, N))
+    return [(cs, A, Y_cs), (Denoising(N), np.eye(N), Y_dn)]
+
+
+def test_bounded_prior_generates_the_reference():
+    prior, G = bounded_prior()
+    z = np.random.RandomState(0).standard_normal((5, N))
+    x, log_px = prior.flow_.generate(torch.tensor(z, dtype=torch.float32))
+    np.testing.assert_allclose(x.numpy(), [G(zi)[0] for zi in z], atol=1e-6)
+    np.testing.assert_allclose(log_px.numpy(), [log_p(G, zi) for zi in z], atol=1e-4)
+
+
+def _minimize(f, y):
+    return minimize(f, np.zeros(N), args=(y,), method="BFGS", options={"gtol": 1e-10}).x
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("problem", [0, 1], ids=["cs", "denoise"])
+def test_map_with_a_bounded_prior_matches_scipy(problem):
+    """MAP's objective through the logit, minimised by BFGS in float64 from the solver's
+    start: the solver returns the optimum's signal, clipped to the data range (denoising
+    with sigma 0.05 puts some optima below 0)."""
+    prior, G = bounded_prior()
+    op, A, Y = bounded_problems()[problem]
+    sigma, beta = (0.3, 0.05)[problem], 1.0
+
+    def objective(z, y):
+        return ((A @ G(z)[0] - y) ** 2).sum() / (2 * sigma**2) - beta * log_p(G, z)
+
+    optima = np.array([G(_minimize(objective, y))[0] for y in Y])
+    assert problem == 0 or optima.min() < 0
+    expected = np.clip(optima, 0, 1)
+    solver = InverseSolver(prior, op, method="map", sigma=sigma, beta=beta, init="zeros",
+                           n_iter=1500, learning_rate=0.02, random_state=0)
+    np.testing.assert_allclose(solver.predict(Y), expected, atol=2e-3)
+
+
+@pytest.mark.parametrize("method", ["glowip", "csgm"])
+@pytest.mark.parametrize("problem", [0, 1], ids=["cs", "denoise"])
+def test_gamma_methods_with_a_bounded_prior_match_scipy(method, problem):
+    prior, G = bounded_prior()
+    op, A, Y = bounded_problems()[problem]
+    gamma = 0.3
+
+    def objective(z, y):
+        return ((A @ G(z)[0] - y) ** 2).sum() + gamma * z @ z
+
+    expected = np.clip([G(_minimize(objective, y))[0] for y in Y], 0, 1)
+    solver = InverseSolver(prior, op, method=method, gamma=gamma, n_iter=1500,
+                           learning_rate=0.02, random_state=0)
+    np.testing.assert_allclose(solver.predict(Y), expected, atol=2e-3)
+
+
+@pytest.mark.slow
+def test_likelihood_with_a_bounded_prior_reaches_the_minimum():
+    """Chavez's objective ``||A G(z) - y||_1 - alpha log p(G(z))`` is not smooth: its minimum
+    comes from SLSQP on the smooth equivalent ``min sum(s) - alpha log p`` with
+    ``-s <= A G(z) - y <= s``, and the solver's latent must reach it to 2e-3."""
+    prior, G = bounded_prior()
+    op, A, Y = bounded_problems()[0]
+    alpha = 0.05
+
+    def objective(z, y):
+        return np.abs(A @ G(z)[0] - y).sum() - alpha * log_p(G, z)
+
+    def minimum(y):
+        residual = lambda v: A @ G(v[:N])[0] - y  # noqa: E731
+        start = np.concatenate([np.zeros(N), np.abs(residual(np.zeros(2 * N))) + 0.1])
+        result = minimize(lambda v: v[N:].sum() - alpha * log_p(G, v[:N]), start,
+                          method="SLSQP", options={"ftol": 1e-14, "maxiter": 1000},
+                          constraints=[{"type": "ineq", "fun": lambda v: v[N:] - residual(v)},
+                                       {"type": "ineq", "fun": lambda v: v[N:] + residual(v)}])
+        assert result.success
+        return objective(result.x[:N], y)
+
+    solver = InverseSolver(prior, op, method="likelihood", alpha=alpha, init="zeros",
+                           n_iter=1500, learning_rate=0.01, random_state=0)
+    X = solver.predict(Y)
+    assert 0 < X.min() and X.max() < 1  # inside the range: transform recovers the latents
+    gaps = [objective(z, y) - minimum(y) for z, y in zip(prior.transform(X), Y)]
+    assert -1e-6 < min(gaps) and max(gaps) < 2e-3
 
 
 class CountingBody(torch.nn.Module):

@@ -10,23 +10,39 @@ output in the generator direction, which, as everywhere in ``flowsk.nn``, is :me
   exact inverse.
 
 Because the layers keep the ``forward``/``inverse`` interface they compose with the bijections
-in a :class:`~flowsk.nn.base.Chain`; the chain's summed log-det is then the layer-wise term
-``sum_k 0.5 log det(J_k^T J_k)`` of the paper's eq. (6), its cheap stand-in for
-``0.5 log det(J^T J)`` (called "the bound" here, as in the paper).
-
-About that bound: Appendix B.1 of the paper states ``log det(J^T J) <= sum_k log det(J_k^T
-J_k)``. Its interlacing step only bounds the compressed data-side factor by the *top*
-``latent_dim`` eigenvalues, so the inequality is guaranteed when no Jacobian on the data side
-of an injective layer has a singular value below 1, and can fail otherwise (``J_2 = e_1``,
-``J_1 = diag(a, b)`` with ``b < 1`` gives ``a^2 > a^2 b^2``). It is exact when the layers on
-the data side of each injective layer are scaled isometries -- e.g. a single injective layer
-at the data end after any low-dimensional bijection (eq. 12), or freshly initialised networks.
-In general treat it as a proxy; :meth:`InjectiveFlow.log_prob` also offers the exact value
-and Algorithm 2's stochastic estimate.
+in a :class:`~flowsk.nn.base.Chain`.
 
 :class:`InjectiveFlow` is a TRUMPET: an injective part ``g`` (bijective revnet steps, up-squeezes
 and injective layers, plus an optional logit at the data end) and a low-dimensional bijective
-flow ``h`` with a standard-normal base, ``G = g o h``.
+flow ``h`` with a standard-normal base, ``G = g o h``. Its density on the ``d``-dimensional
+range needs ``0.5 log det(J^T J)`` of ``g`` (``J`` of shape ``n x d``), in one of three ways:
+
+- ``"exact"``: ``J`` from ``d`` Jacobian-vector products, then a float64 slogdet;
+- ``"stochastic"``: Algorithm 2 of the paper (:func:`stochastic_half_logdet`);
+- ``"bound"``: one pass, what :meth:`InjectiveFlow.generate` returns and the solvers
+  optimise. It sums eq. (6)'s layer-wise terms ``0.5 log det(J_k^T J_k)`` over the layers of
+  ``g`` before the logit, and adds the logit's term over the tangent space (below).
+
+The layer-wise sum. Appendix B.1 of the paper states ``log det(J^T J) <= sum_k log det(J_k^T
+J_k)``. Its interlacing step only bounds the compressed data-side factor by the *top*
+``d`` eigenvalues, so the inequality is guaranteed when no Jacobian on the data side of an
+injective layer has a singular value below 1, and can fail otherwise (``J_2 = e_1``,
+``J_1 = diag(a, b)`` with ``b < 1`` gives ``a^2 > a^2 b^2``). It is exact when the layers on
+the data side of each injective layer are isometries -- e.g. a single injective layer at the
+data end after any low-dimensional bijection (eq. 12), or rotations and identity couplings.
+Square layers on the data side of an injective layer are counted over all their directions
+where only the ``d`` tangent ones matter, so after training the sum can be tens of nats off
+(``benchmarks/injective.py`` measures it): a proxy, not a bound.
+
+The logit. With ``J = D M`` (``D`` the diagonal Jacobian of the logit's inverse, ``M = Q R``
+the Jacobian of the layers before it, ``Q`` an orthonormal basis of the tangent space),
+``0.5 log det(J^T J) = 0.5 log det(M^T M) + 0.5 log det(Q^T D^2 Q)``: the logit acts on the
+``d`` tangent directions only, not on all ``n`` coordinates (``sum_i log D_ii`` would count
+every pixel, saturated background pixels most). By Poincare's separation theorem the ``k``-th
+eigenvalue of ``Q^T D^2 Q`` is at most the ``k``-th largest of ``D^2``, so the bound takes the
+sum of the ``d`` largest log-slopes of the logit: an upper bound on its term (so its
+log-density is a lower bound), equal to it when the tangent space is spanned by the ``d``
+coordinates of largest slope, and one pass.
 """
 import math
 
@@ -211,8 +227,9 @@ class InjectiveFlow(nn.Module):
         Bijection at the data end for bounded data.
 
     Mirrors :class:`~flowsk.nn.base.Flow`: ``inverse(z) -> (x, logdet)`` is the generator
-    (``logdet`` the layer-wise bound, eq. (6), standing in for ``0.5 log det(J^T J)``),
-    ``forward(x) -> (z, logdet)`` the left pseudo-inverse with the negated bound,
+    (``logdet`` the one-pass ``"bound"`` of the module docstring, standing in for
+    ``0.5 log det(J^T J)``), ``forward(x) -> (z, logdet)`` the left pseudo-inverse with the
+    negated bound,
     ``generate(z) -> (x, log p(x))``, ``log_prob(x)``, and ``project(x) = G(G^+(x))`` onto
     the range.
     """
@@ -236,7 +253,8 @@ class InjectiveFlow(nn.Module):
         """``g^+``: ``(B, n_features) -> (z' (B, latent_dim), logdet)`` (the bound)."""
         logdet = x.new_zeros(x.shape[0])
         if self.logit is not None:
-            x, logdet = self.logit(x)
+            x = self.logit(x)[0]
+            logdet = -self.logit_tangent_bound(x)
         z, ld = self.injective(x, context)
         return z, logdet + ld
 
@@ -244,9 +262,15 @@ class InjectiveFlow(nn.Module):
         """``g``: ``(B, latent_dim) -> (x (B, n_features), logdet)`` (the bound)."""
         x, logdet = self.injective.inverse(z, context)
         if self.logit is not None:
-            x, ld = self.logit.inverse(x)
-            logdet = logdet + ld
+            logdet = logdet + self.logit_tangent_bound(x)
+            x = self.logit.inverse(x)[0]
         return x, logdet
+
+    def logit_tangent_bound(self, t):
+        """The bound's logit term at pre-logit values ``t (B, n_features)``: the sum of the
+        ``latent_dim`` largest log-slopes of the logit's inverse, ``(B,)`` (an upper bound on
+        ``0.5 log det(Q^T D^2 Q)``, see the module docstring)."""
+        return self.logit.inverse_log_slope(t).topk(self.latent_dim, dim=1).values.sum(1)
 
     # -- Flow's interface ------------------------------------------------------------------
     def forward(self, x, context=None):
@@ -260,8 +284,9 @@ class InjectiveFlow(nn.Module):
         return x, logdet + ld
 
     def generate(self, z, context=None):
-        """``(B, d) -> (x (B, n), log p(x) (B,))`` in one generator pass, with the
-        layer-wise bound of eq. (6) for the log-det (see the module docstring)."""
+        """``(B, d) -> (x (B, n), log p(x) (B,))`` in one generator pass, with the one-pass
+        ``"bound"`` for the log-det (see the module docstring): what ``map`` and
+        ``likelihood`` optimise."""
         x, logdet = self.inverse(z, context)
         return x, standard_normal_log_prob(z) - logdet
 
@@ -281,11 +306,11 @@ class InjectiveFlow(nn.Module):
                  n_power_iterations=20, generator=None):
         """``(B, n) -> (B,)`` log-density of the projection of ``x`` on the manifold, eq. (2).
 
-        ``logdet``: ``"bound"`` uses the layer-wise bound (6) (one pass; see the module
-        docstring for when it is exact); ``"exact"`` the slogdet of the full Jacobian of ``g``
-        (``latent_dim`` forward-mode passes); ``"stochastic"`` the truncated Neumann series
-        with Hutchinson probes (Algorithm 2; see :func:`stochastic_half_logdet`). The log-det
-        of ``h`` is exact in every case.
+        ``logdet``: ``"bound"`` one pass of ``G^+`` from ``x`` (what ``iflow-l`` optimises;
+        see the module docstring for when it is exact); ``"exact"`` the slogdet of the full
+        Jacobian of ``g`` at the projection (``latent_dim`` Jacobian-vector products);
+        ``"stochastic"`` the truncated Neumann series with Hutchinson probes (Algorithm 2; see
+        :func:`stochastic_half_logdet`). The log-det of ``h`` is exact in every case.
         """
         if logdet not in LOGDET_METHODS:
             raise ValueError(f"logdet must be one of {LOGDET_METHODS}, got {logdet!r}")
@@ -309,10 +334,16 @@ class InjectiveFlow(nn.Module):
         Jacobian the log-dets describe)."""
         return lambda z: self.decode_manifold(z, context)[0]
 
-    def exact_half_logdet(self, z, context=None):
-        """``0.5 log det(J_g^T J_g)`` at ``z`` ``(B, latent_dim)``, exact (float64 slogdet)."""
-        jac = jacobian(self.manifold_map(context), z)
-        return 0.5 * torch.linalg.slogdet(_gram(jac))[1]
+    def exact_half_logdet(self, z, context=None, max_entries=2**25):
+        """``0.5 log det(J_g^T J_g)`` at ``z`` ``(B, latent_dim)``, exact (float64 slogdet),
+        in chunks of at most ``max_entries`` Jacobian entries. Returns ``(B,)``."""
+        rows = max(1, max_entries // (self.n_features * self.latent_dim))
+        parts = []
+        for i in range(0, len(z), rows):
+            part_context = None if context is None else context[i:i + rows]
+            jac = jacobian(self.manifold_map(part_context), z[i:i + rows])
+            parts.append(0.5 * torch.linalg.slogdet(_gram(jac))[1])
+        return torch.cat(parts) if parts else z.new_zeros(0, dtype=torch.float64)
 
     def stochastic_half_logdet(self, z, context=None, **kwargs):
         """Algorithm 2 estimate of ``0.5 log det(J_g^T J_g)`` at ``z``; see

@@ -106,5 +106,8 @@ class Logit(Bijection):
     def inverse(self, z, context=None):
         u = torch.sigmoid(z)
         x = self.lo + (self.hi - self.lo) * (u - self.alpha) / (1 - 2 * self.alpha)
-        logdet = sum_per_sample(F.logsigmoid(z) + F.logsigmoid(-z) - self._log_c)
-        return x, logdet
+        return x, sum_per_sample(self.inverse_log_slope(z))
+
+    def inverse_log_slope(self, z):
+        """``log dx_i/dz_i`` of the inverse, per coordinate (its Jacobian is diagonal)."""
+        return F.logsigmoid(z) + F.logsigmoid(-z) - self._log_c
