@@ -46,6 +46,13 @@ def module_device(module):
     return torch.device("cpu") if tensor is None else tensor.device
 
 
+def as_tensor(array, device):
+    """``array`` as a float32 tensor on ``device``, sharing its memory where it can; a
+    read-only array (a memory map opened with ``mode="r"``) is copied, as torch needs."""
+    array = np.asarray(array, dtype=np.float32)
+    return torch.as_tensor(array if array.flags.writeable else array.copy(), device=device)
+
+
 def _finite(module):
     return all(torch.isfinite(p).all() for p in module.parameters())
 
@@ -84,7 +91,7 @@ class Batches:
         if isinstance(data, torch.Tensor):
             self.data = data.to(device)
         elif 4 * data.size <= _DEVICE_COPY_LIMIT:
-            self.data = torch.as_tensor(np.asarray(data, dtype=np.float32), device=device)
+            self.data = as_tensor(data, device)
         else:
             self.data = data
 
