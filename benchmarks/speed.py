@@ -31,7 +31,7 @@ import torch
 from inverse import RESULTS, digits_split
 
 from flowsk import FlowPrior, InverseSolver
-from flowsk.__main__ import demo_tasks
+from flowsk.demo import demo_tasks
 from flowsk.methods import METHODS
 from flowsk.methods.latent import MAP
 
