@@ -211,11 +211,12 @@ def _train_epoch(module, loss_fn, batches, order, batch_size, optimizer, params,
 
 @torch.no_grad()
 def _evaluate(module, loss_fn, batches, idx, batch_size):
-    """Mean of ``loss_fn`` over the rows ``idx``, in chunks of ``4 * batch_size`` rows."""
-    step = 4 * batch_size
-    total = sum(loss_fn(module, batches[idx[s:s + step]]).item() * len(idx[s:s + step])
+    """Mean of ``loss_fn`` over the rows ``idx``, in chunks of ``4 * batch_size`` rows (summed
+    on the device, read once)."""
+    step, idx = 4 * batch_size, batches.index(idx)
+    total = sum(loss_fn(module, batches[idx[s:s + step]]) * len(idx[s:s + step])
                 for s in range(0, len(idx), step))
-    return total / len(idx)
+    return float(total) / len(idx)
 
 
 def train(module, loss_fn, data, *, max_epochs, batch_size, learning_rate, weight_decay=0.0,
