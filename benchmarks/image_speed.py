@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import markdown_table, metadata, provenance, read_results, write_results
+from _common import RESULTS, markdown_table, metadata, provenance, read_results, write_results
 
 from flowsk import FlowPrior
 from flowsk._training import make_optimizer, param_groups, train_step
@@ -202,12 +202,20 @@ def _nchw_conditioners(flow):
     return flow
 
 
-def _relu_conditioners(flow):
+_OTHER_ACTIVATION = {torch.nn.SiLU: torch.nn.ReLU, torch.nn.ReLU: torch.nn.SiLU}
+
+
+def _shipped_activation():
+    return next(type(m) for m in CNN(1, 1, 1).net if type(m) in _OTHER_ACTIVATION).__name__
+
+
+def _other_activation(flow):
+    """The conditioners with SiLU and ReLU exchanged."""
     for m in flow.modules():
         if isinstance(m, CNN):
             for i, layer in enumerate(m.net):
-                if isinstance(layer, torch.nn.SiLU):
-                    m.net[i] = torch.nn.ReLU()
+                if type(layer) in _OTHER_ACTIVATION:
+                    m.net[i] = _OTHER_ACTIVATION[type(layer)]()
     return flow
 
 
@@ -223,12 +231,14 @@ def ablation(shape, repeats, per_timing, device):
         flow = edit(flowsk_flow(shape, "glow", config, device))
         return flowsk_step(flow, x, optimizer(flow) if optimizer else None)
 
+    shipped = _shipped_activation()
+    other = "ReLU" if shipped == "SiLU" else "SiLU"
     steps = {
         "flowsk (as shipped)": variant(),
         "conditioners in NCHW": variant(_nchw_conditioners),
         "AdamW foreach, not fused": variant(optimizer=_foreach_adamw),
         "NCHW and foreach (before this work)": variant(_nchw_conditioners, _foreach_adamw),
-        "ReLU conditioners (not shipped)": variant(_relu_conditioners),
+        f"{other} conditioners, not {shipped}": variant(_other_activation),
         "normflows Glow": normflows_step(normflows_glow(shape, **config).to(device),
                                          x.view(-1, *shape)),
     }
@@ -526,6 +536,16 @@ def tables():
         [[f"{m['n']:,} x {m['shape']} float32 memory map", _f(m["array_gb"], 2),
           _f(m["peak_rss_gb"], 2), _f(m["budget_gb"], 2), _f(m["baseline_rss_gb"], 2),
           m["steps"], f"{_f(m['fit_s'], 0)} ({_f(m['fit_cpu_s'], 0)})"]]) + "\n\n" + prov
+    if (RESULTS / f"{NAME}-cuda.json").exists():
+        g = read_results(f"{NAME}-cuda")
+        c = g["config"]
+        rows = [[row["shape"], "training step, batch 64", _f(row["ms"]),
+                 _f(row["normflows_ms"]), _f(row["ratio"], 2)] for row in g["training"]]
+        rows += [[row["shape"], f"`map` iteration, batch {row['batch']}", _f(row["flowsk_ms"]),
+                  _f(row["normflows_ms"]), _f(row["ratio"], 2)] for row in g["map_iteration"]]
+        out["gpu"] = markdown_table(
+            ["size", f"`glow` L={c['n_levels']} K={c['n_steps']} width {c['hidden_features']}",
+             "flowsk ms", "normflows ms", "ratio"], rows) + "\n\n" + provenance(g["meta"])
     return out
 
 
