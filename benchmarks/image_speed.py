@@ -237,7 +237,7 @@ def ablation(shape, repeats, per_timing, device):
         "flowsk (as shipped)": variant(),
         "conditioners in NCHW": variant(_nchw_conditioners),
         "AdamW foreach, not fused": variant(optimizer=_foreach_adamw),
-        "NCHW and foreach (before this work)": variant(_nchw_conditioners, _foreach_adamw),
+        "both (the previous code)": variant(_nchw_conditioners, _foreach_adamw),
         f"{other} conditioners, not {shipped}": variant(_other_activation),
         "normflows Glow": normflows_step(normflows_glow(shape, **config).to(device),
                                          x.view(-1, *shape)),
