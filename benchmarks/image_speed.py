@@ -17,6 +17,9 @@
 - **Memory**: a subprocess fits a FlowPrior on a memory-mapped float32 ``.npy`` of 100,000
   3x32x32 images for a few hundred steps; its peak resident memory against the array's size
   plus 1.5 GB.
+- ``--activation``: only the digits density of the ``glow`` prior with SiLU and with ReLU
+  conditioners (two seeds), the price of the faster activation; writes
+  results/image_speed-activation.json.
 - ``--compile``: also ``torch.compile`` of the loss at 1x16x16 (compile seconds, step time).
 - ``--device cuda``: the GPU table instead: training step at 3x32x32 and 3x64x64 and the
   ``map`` iteration at batch 32 / 256, flowsk ``glow`` against normflows' Glow, both L=3, K=8,
@@ -493,6 +496,42 @@ def gpu_tables(device, sizes, config, batches, repeats, per_timing):
     return {"config": config, "training": train_rows, "map_iteration": solver_rows}
 
 
+# -- activation ------------------------------------------------------------------------------
+def activation_density(seeds=(0, 1)):
+    """Digits (``benchmarks/density.py``'s split): test nats of the default ``glow`` image prior
+    with the shipped conditioner activation and with the other one, and fit seconds."""
+    from density import data
+
+    import flowsk.nn.networks as networks
+
+    Xtr, Xte = data()
+    shipped = _shipped_activation()
+    real_init = networks.CNN.__init__
+
+    def other_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        _other_activation(types.SimpleNamespace(modules=lambda: [self]))
+
+    rows = []
+    for seed in seeds:
+        for name, init in ((shipped, real_init),
+                           ("ReLU" if shipped == "SiLU" else "SiLU", other_init)):
+            networks.CNN.__init__ = init
+            try:
+                t, c = time.perf_counter(), time.process_time()
+                prior = FlowPrior(data_range=(0, 1), image_shape=(1, 8, 8),
+                                  random_state=seed).fit(Xtr)
+                rows.append({"activation": name, "shipped": name == shipped, "seed": seed,
+                             "test_nats": prior.score(Xte), "epochs": len(prior.history_[
+                                 "val_loss"]), "fit_s": time.perf_counter() - t,
+                             "fit_cpu_s": time.process_time() - c})
+            finally:
+                networks.CNN.__init__ = real_init
+            print(f"activation {name}, seed {seed}: {rows[-1]['test_nats']:.2f} nats, "
+                  f"fit {rows[-1]['fit_s']:.0f} s", flush=True)
+    return {"rows": rows}
+
+
 # -- tables ------------------------------------------------------------------------------------
 def _f(v, digits=1):
     return f"{v:.{digits}f}"
@@ -536,6 +575,14 @@ def tables():
         [[f"{m['n']:,} x {m['shape']} float32 memory map", _f(m["array_gb"], 2),
           _f(m["peak_rss_gb"], 2), _f(m["budget_gb"], 2), _f(m["baseline_rss_gb"], 2),
           m["steps"], f"{_f(m['fit_s'], 0)} ({_f(m['fit_cpu_s'], 0)})"]]) + "\n\n" + prov
+    if (RESULTS / f"{NAME}-activation.json").exists():
+        act = read_results(f"{NAME}-activation")
+        out["activation"] = markdown_table(
+            ["conditioner activation", "seed", "digits test nats", "epochs", "fit s (CPU s)"],
+            [[row["activation"] + (" (shipped)" if row["shipped"] else ""), row["seed"],
+              _f(row["test_nats"], 2), row["epochs"],
+              f"{_f(row['fit_s'], 0)} ({_f(row['fit_cpu_s'], 0)})"] for row in act["rows"]]
+        ) + "\n\n" + provenance(act["meta"])
     if (RESULTS / f"{NAME}-cuda.json").exists():
         g = read_results(f"{NAME}-cuda")
         c = g["config"]
@@ -556,6 +603,8 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--gpu-table", action="store_true",
                         help="the GPU table on --device (implied by --device cuda)")
+    parser.add_argument("--activation", action="store_true",
+                        help="only the digits density of SiLU vs ReLU conditioners")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -564,6 +613,9 @@ def main():
     torch.manual_seed(0)
     meta = metadata(seed=0, device=args.device)
     repeats, per_timing = (2, 1) if args.quick else (7, 3)
+    if args.activation:
+        print(f"wrote {write_results(NAME + '-activation', activation_density(), meta)}")
+        return None
     if device.type == "cuda" or args.gpu_table:
         sizes = ((3, 8, 8),) if args.quick else GPU_SIZES
         config = {"n_levels": 2, "n_steps": 2, "hidden_features": 16} if args.quick \
