@@ -510,7 +510,7 @@ def activation_density(seeds=(0, 1)):
 
     def other_init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
-        _other_activation(types.SimpleNamespace(modules=lambda: [self]))
+        _other_activation(self)
 
     rows = []
     for seed in seeds:
