@@ -46,6 +46,13 @@ def module_device(module):
     return torch.device("cpu") if tensor is None else tensor.device
 
 
+def as_tensor(array, device):
+    """``array`` as a float32 tensor on ``device``, sharing its memory where it can; a
+    read-only array (a memory map opened with ``mode="r"``) is copied, as torch needs."""
+    array = np.asarray(array, dtype=np.float32)
+    return torch.as_tensor(array if array.flags.writeable else array.copy(), device=device)
+
+
 def _finite(module):
     return all(torch.isfinite(p).all() for p in module.parameters())
 
@@ -84,15 +91,24 @@ class Batches:
         if isinstance(data, torch.Tensor):
             self.data = data.to(device)
         elif 4 * data.size <= _DEVICE_COPY_LIMIT:
-            self.data = torch.as_tensor(np.asarray(data, dtype=np.float32), device=device)
+            self.data = as_tensor(data, device)
         else:
             self.data = data
 
     def __len__(self):
         return len(self.data)
 
+    def index(self, idx):
+        """Row indices ``idx`` in the form :meth:`__getitem__` reads fastest: on the device for
+        device-resident data (one transfer per epoch rather than one per batch)."""
+        return torch.as_tensor(idx, device=self.device) if self.on_device else idx
+
+    @property
+    def on_device(self):
+        return isinstance(self.data, torch.Tensor)
+
     def __getitem__(self, idx):
-        if isinstance(self.data, torch.Tensor):
+        if self.on_device:
             return self.data[torch.as_tensor(idx, device=self.device)]
         rows = np.asarray(self.data[np.sort(idx)], dtype=np.float32)
         pin = self.device.type == "cuda"
@@ -155,34 +171,52 @@ class DivergenceGuard:
         return False
 
 
+def make_optimizer(module, learning_rate, weight_decay):
+    """AdamW over :func:`param_groups` (the fused implementation on CPU and CUDA)."""
+    fused = module_device(module).type in ("cpu", "cuda")
+    return torch.optim.AdamW(param_groups(module, weight_decay), lr=learning_rate, fused=fused)
+
+
+def train_step(module, loss_fn, batch, optimizer, params, clip_norm, check=True):
+    """One optimizer step on ``batch`` with gradients clipped to norm ``clip_norm``: the
+    detached loss, or None when ``check`` finds the loss or the gradient not finite (no step is
+    then taken). A check is a host synchronisation on a GPU."""
+    loss = loss_fn(module, batch)
+    if check and not torch.isfinite(loss):
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    if check and not torch.isfinite(grad_norm):
+        return None  # a step would make every weight NaN
+    optimizer.step()
+    return loss.detach()
+
+
 def _train_epoch(module, loss_fn, batches, order, batch_size, optimizer, params, clip_norm):
-    """One pass of Adam over the rows ``order``; the mean loss, or NaN when a loss or gradient
-    was not finite (the pass then stops early, on the CPU at that very step)."""
+    """One pass of :func:`train_step` over the rows ``order``; the mean loss, or NaN when a
+    loss or gradient was not finite (the pass then stops early, on the CPU at that very step,
+    on a GPU within ``_GPU_CHECK_EVERY`` steps)."""
     check_every = 1 if batches.device.type == "cpu" else _GPU_CHECK_EVERY
-    total, count = torch.zeros((), device=batches.device), 0
+    total, order = torch.zeros((), device=batches.device), batches.index(order)
     for k, start in enumerate(range(0, len(order), batch_size)):
         batch = batches[order[start:start + batch_size]]
-        loss = loss_fn(module, batch)
-        if k % check_every == 0 and not torch.isfinite(loss):
+        loss = train_step(module, loss_fn, batch, optimizer, params, clip_norm,
+                          check=k % check_every == 0)
+        if loss is None:
             return float("nan")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
-        if k % check_every == 0 and not torch.isfinite(grad_norm):
-            return float("nan")  # a step would make every weight NaN
-        optimizer.step()
-        total = total + loss.detach() * len(batch)
-        count += len(batch)
-    return (total / count).item()
+        total = total + loss * len(batch)
+    return (total / len(order)).item()
 
 
 @torch.no_grad()
 def _evaluate(module, loss_fn, batches, idx, batch_size):
-    """Mean of ``loss_fn`` over the rows ``idx``, in chunks of ``4 * batch_size`` rows."""
-    step = 4 * batch_size
-    total = sum(loss_fn(module, batches[idx[s:s + step]]).item() * len(idx[s:s + step])
+    """Mean of ``loss_fn`` over the rows ``idx``, in chunks of ``4 * batch_size`` rows (summed
+    on the device, read once)."""
+    step, idx = 4 * batch_size, batches.index(idx)
+    total = sum(loss_fn(module, batches[idx[s:s + step]]) * len(idx[s:s + step])
                 for s in range(0, len(idx), step))
-    return total / len(idx)
+    return float(total) / len(idx)
 
 
 def train(module, loss_fn, data, *, max_epochs, batch_size, learning_rate, weight_decay=0.0,
@@ -205,7 +239,7 @@ def train(module, loss_fn, data, *, max_epochs, batch_size, learning_rate, weigh
     batches = Batches(data, module_device(module))
     train_idx, val_idx = _split(len(batches), validation_fraction, rng)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(module, weight_decay), lr=learning_rate)
+    optimizer = make_optimizer(module, learning_rate, weight_decay)
     history = {"train_loss": [], "val_loss": []}
     stopper, guard = EarlyStopping(module, n_iter_no_change), DivergenceGuard()
     bar = tqdm(range(max_epochs), desc=desc, disable=verbose <= 0, leave=False)

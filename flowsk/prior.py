@@ -4,12 +4,13 @@ import numbers
 
 import numpy as np
 import torch
+from scipy.linalg import pinvh
 from sklearn.base import BaseEstimator, DensityMixin, TransformerMixin
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from ._training import resolve_device, train
+from ._training import as_tensor, resolve_device, train
 from ._validation import check_choice, check_finite_output, check_float32_range, is_real
 from .metrics import bits_per_dim
 from .nn.builders import ARCHITECTURES, IMAGE_ARCHITECTURES, build_flow
@@ -108,7 +109,7 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
 
     # -- torch plumbing ---------------------------------------------------------------------
     def _tensor(self, A):
-        return torch.as_tensor(np.asarray(A, dtype=np.float32), device=self.device_)
+        return as_tensor(A, self.device_)
 
     def _map(self, fn, A, out_dtype=np.float64):
         """Apply ``fn: tensor -> tensor`` to ``A`` in chunks, without gradients."""
@@ -130,11 +131,36 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
             self._fit(X, rng)
         self.flow_.requires_grad_(False)
         self.training_range_ = (float(X.min()), float(X.max()))
-        Z = self._map(lambda x: self.flow_(x)[0], X)
-        finite = np.isfinite(check_finite_output(Z, self.on_nonfinite,
-                                                 "latent codes of the training data")).all(1)
-        self.latent_covariance_ = EmpiricalCovariance().fit(Z[finite])
+        self.latent_covariance_ = self._latent_covariance(X)
         return self
+
+    def _latent_covariance(self, X):
+        """:class:`~sklearn.covariance.EmpiricalCovariance` of the finite latent codes of
+        ``X``'s rows, accumulated in float64 chunk by chunk (never all codes at once)."""
+        shift, count, s1, s2, finite_rows = None, 0, 0.0, 0.0, []
+        for start in range(0, len(X), _CHUNK):
+            Z = self._map(lambda x: self.flow_(x)[0], X[start:start + _CHUNK])
+            finite = np.isfinite(Z).all(1)
+            finite_rows.append(finite)
+            Z = Z[finite]
+            if shift is None and len(Z):
+                shift = Z.mean(0)  # sums of shifted codes: no cancellation in the covariance
+            if len(Z):
+                Z -= shift
+                count, s1, s2 = count + len(Z), s1 + Z.sum(0), s2 + Z.T @ Z
+        # one value per row, NaN where its code is not finite
+        check_finite_output(np.where(np.concatenate(finite_rows), 0.0, np.nan)[:, None],
+                            self.on_nonfinite, "latent codes of the training data")
+        if not count:
+            raise FloatingPointError("no training sample has a finite latent code")
+        mean = s1 / count
+        covariance = s2 / count - np.outer(mean, mean)
+        # what EmpiricalCovariance().fit(Z) sets, from the accumulated moments
+        reference = EmpiricalCovariance()
+        reference.location_, reference.covariance_ = shift + mean, covariance
+        reference.precision_ = pinvh(covariance, check_finite=False)
+        reference.n_features_in_ = len(mean)
+        return reference
 
     # -- density estimator ------------------------------------------------------------------
     def score_samples(self, X):

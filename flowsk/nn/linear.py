@@ -28,13 +28,15 @@ def _per_channel(v, x):
 class ActNorm(Bijection):
     """Per-channel affine ``z = (x - b) * exp(s)``, initialised from the first training batch
     so that its output has zero mean and unit variance. The ``initialized`` buffer is saved
-    with the model, so a loaded model never re-initialises."""
+    with the model, so a loaded model never re-initialises. Training-mode calls read the
+    buffer (a host synchronisation on a GPU) only until it is seen set."""
 
     def __init__(self, channels):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(channels))
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
+        self._seen_initialized = False
 
     @torch.no_grad()
     def _initialize(self, x):
@@ -43,9 +45,15 @@ class ActNorm(Bijection):
         self.log_scale.copy_(-torch.log(x.std(dims, unbiased=False) + 1e-6))
         self.initialized.fill_(True)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._seen_initialized = False  # the loaded buffer is read again
+
     def forward(self, x, context=None):
-        if self.training and not bool(self.initialized):
-            self._initialize(x)
+        if self.training and not self._seen_initialized:
+            if not bool(self.initialized):
+                self._initialize(x)
+            self._seen_initialized = True
         z = (x - _per_channel(self.bias, x)) * _per_channel(self.log_scale.exp(), x)
         logdet = self.log_scale.sum() * spatial_size(x)
         return z, logdet.expand(x.shape[0])
@@ -59,9 +67,12 @@ class ActNorm(Bijection):
 class InvertibleLinear(Bijection):
     """Invertible channel mixing ``W = P L (U + diag(sign * exp(log_s)))`` (Glow's LU 1x1 conv).
 
-    Starts at a random rotation. The inverse weight is cached as a buffer whenever the layer is
-    put in eval mode, so generation needs no matrix inverse (and exports to ONNX); in training
-    mode the inverse is computed exactly from the current weights.
+    Starts at a random rotation. Both directions are computed from the current weights (the
+    inverse by two triangular solves, no matrix inverse), so they agree whatever changed the
+    weights: an optimizer step, ``load_state_dict`` or an edit of ``.data``, in either mode.
+    The ONNX export, which has no triangular solve, reads the buffer ``weight_inverse``
+    instead; ``eval()`` fills it, and :func:`exporters.to_onnx` calls ``eval()`` on the copy
+    it exports.
     """
 
     def __init__(self, channels, generator=None):
@@ -77,17 +88,30 @@ class InvertibleLinear(Bijection):
         self.upper = nn.Parameter(torch.triu(upper, 1))
         self.log_s = nn.Parameter(torch.log(diag.abs()))
 
-    def weight(self):
+    def _factors(self):
+        """The triangular factors ``(L, U)`` of ``W = P L U``."""
         eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
         lower = self.lower * self.lower_mask + eye
         # eye * v rather than torch.diag(v): same matrix, and aten::diag has no ONNX export
         upper = self.upper * self.lower_mask.T + eye * (self.sign * self.log_s.exp())
+        return lower, upper
+
+    def weight(self):
+        """``W`` ``(C, C)``."""
+        lower, upper = self._factors()
         return self.perm @ lower @ upper
+
+    def inverse_weight(self):
+        """``W^-1 = U^-1 L^-1 P^T`` ``(C, C)`` by two triangular solves."""
+        lower, upper = self._factors()
+        solve = torch.linalg.solve_triangular
+        return solve(upper, solve(lower, self.perm.T, upper=False, unitriangular=True),
+                     upper=True)
 
     def train(self, mode=True):
         if not mode:
             with torch.no_grad():
-                self.weight_inverse.copy_(torch.linalg.inv(self.weight()))
+                self.weight_inverse.copy_(self.inverse_weight())
         return super().train(mode)
 
     def forward(self, x, context=None):
@@ -95,7 +119,7 @@ class InvertibleLinear(Bijection):
         return channel_mix(x, self.weight()), logdet.expand(x.shape[0])
 
     def inverse(self, z, context=None):
-        w_inv = torch.linalg.inv(self.weight()) if self.training else self.weight_inverse
+        w_inv = self.weight_inverse if torch.onnx.is_in_onnx_export() else self.inverse_weight()
         logdet = -self.log_s.sum() * spatial_size(z)
         return channel_mix(z, w_inv), logdet.expand(z.shape[0])
 

@@ -100,8 +100,8 @@ class Logit(Bijection):
 
     def forward(self, x, context=None):
         u = self.alpha + (1 - 2 * self.alpha) * (x - self.lo) / (self.hi - self.lo)
-        z = torch.log(u) - torch.log1p(-u)
-        return z, sum_per_sample(self._log_c - torch.log(u) - torch.log1p(-u))
+        log_u, log_1mu = torch.log(u), torch.log1p(-u)
+        return log_u - log_1mu, sum_per_sample(self._log_c - log_u - log_1mu)
 
     def inverse(self, z, context=None):
         u = torch.sigmoid(z)
