@@ -198,6 +198,12 @@ _select("mlp-spline-64x8-b5-wd0.1", coupling="spline", hidden_features=64, n_ste
         weight_decay=0.1)
 _select("mlp-spline-64x8-b5-wd1", coupling="spline", hidden_features=64, n_steps=8, bound=5.0,
         weight_decay=1.0)
+_select("mlp-spline-128x4-b5-wd1", coupling="spline", hidden_features=128, n_steps=4,
+        bound=5.0, weight_decay=1.0)
+_select("mlp-spline-64x8-b5-affine-wd1", coupling="spline", hidden_features=64, n_steps=8,
+        bound=5.0, spline_affine=True, weight_decay=1.0)
+_select("mlp-spline-64x8-b5-k4-wd1", coupling="spline", hidden_features=64, n_steps=8,
+        bound=5.0, n_bins=4, weight_decay=1.0)
 _select("mlp-spline-128x8", coupling="spline", hidden_features=128, n_steps=8, bound=3.0)
 _select("mlp-spline-64x8-b5", coupling="spline", hidden_features=64, n_steps=8, bound=5.0)
 _select("mlp-spline-64x8-b5-affine", coupling="spline", hidden_features=64, n_steps=8,
@@ -252,7 +258,23 @@ def run_benchmark(args):
                "rows": {name: {"label": MODELS[name][0], "flowsk": name not in PEERS,
                                "runs": runs[name]} for name in names},
                "generation_ms": {a: generation_ms(a) for a in ("glow", "chavez")}}
-    print(f"wrote {write_results('density', payload, meta)}")
+    print(f"wrote {write_results(args.part or 'density', payload, meta)}")
+
+
+def merge(parts):
+    """Join the runs of ``--part`` files (seeds run side by side, one per core) into
+    results/density.json; each part's own meta block is kept under ``parts``."""
+    results = [read_results(part) for part in parts]
+    merged = {**results[0], "parts": [res["meta"] for res in results]}
+    for res in results[1:]:
+        for name, row in res["rows"].items():
+            merged["rows"][name]["runs"] += row["runs"]
+    for row in merged["rows"].values():
+        row["runs"].sort(key=lambda r: r["seed"])
+    meta = {**merged.pop("meta"), "seed": sorted(s for r in results for s in r["meta"]["seed"]),
+            "command": " + ".join(r["meta"]["command"] for r in results),
+            "load_average_start": max(r["meta"]["load_average_start"] for r in results)}
+    print(f"wrote {write_results('density', merged, meta)}")
 
 
 def run_selection(args):
@@ -263,8 +285,8 @@ def run_selection(args):
         params = dict(SELECTION[name])
         result = timed(functools.partial(fit_flowprior, **params), train_rows, val_rows, 0,
                        2 if args.quick else MAX_EPOCHS)
-        record = {"params": {k: list(v) if isinstance(v, tuple) else v
-                             for k, v in params.items()},
+        record = {"settings": {k: list(v) if isinstance(v, tuple) else v
+                               for k, v in params.items()},
                   "val_nats": result.pop("test_nats"), **result, "date": meta["date"],
                   "commit": meta["commit"]}
         print(name, record, flush=True)
@@ -315,7 +337,7 @@ def tables():
 
 
 def _selection_table(sel):
-    body = [[name, ", ".join(f"{k}={v}" for k, v in rec["params"].items()),
+    body = [[name, ", ".join(f"{k}={v}" for k, v in rec["settings"].items()),
              f"{rec['val_nats']:.2f}", f"{rec['fit_cpu_seconds']:.0f}", str(rec["epochs"])]
             for name, rec in sel["candidates"].items()]
     return (markdown_table(["candidate", "settings", "validation nats", "CPU s", "epochs"], body)
@@ -328,8 +350,12 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", choices=list(MODELS))
     parser.add_argument("--select", nargs="+", choices=[*SELECTION, "all"])
+    parser.add_argument("--part", help="write results/PART.json, for --merge")
+    parser.add_argument("--merge", nargs="+", metavar="PART")
     args = parser.parse_args()
-    if args.select:
+    if args.merge:
+        merge(args.merge)
+    elif args.select:
         run_selection(args)
     else:
         run_benchmark(args)

@@ -169,8 +169,8 @@ def robust_rational_quadratic(
     ``(x*, y*)`` with learned derivative, derivative 1 and ``s(±bound) = ±bound``
     at the ends, identity outside the box.  Its inverse is bounded,
     ``|c^{-1}(y) - (y - t)| <= 2 * bound``, and so is its slope:
-    ``dc^{-1}/dy <= 1 / min_slope(2, ...)`` (about 1.9e6 with the default
-    floors and clamp, a log-slope of 14.5; the floor ``min_derivative`` alone
+    ``dc^{-1}/dy <= 1 / min_slope(2, ...)`` (about 1.8e6 with the default
+    floors and clamp, a log-slope of 14.4; the floor ``min_derivative`` alone
     does not bound it, since a bin's slope dips below both end derivatives
     when its secant is small).
 
