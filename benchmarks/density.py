@@ -162,9 +162,7 @@ MODELS = {
                 _flowprior()),
     "adam-l2": ("same, Adam with L2 decay on every parameter (the previous optimizer)",
                 _flowprior(optimizer="adam-l2")),
-    "mlp-additive": ("`coupling=\"additive\"`", _flowprior(coupling="additive")),
     "mlp-spline": ("`coupling=\"spline\"`", _flowprior(coupling="spline")),
-    "mlp-robust-spline": ("`coupling=\"robust-spline\"`", _flowprior(coupling="robust-spline")),
     "glow": ("`image_shape=(1, 8, 8)` (`glow`, affine)", _flowprior(image_shape=SHAPE)),
     "glow-spline": ("`image_shape=(1, 8, 8), coupling=\"spline\"`",
                     _flowprior(image_shape=SHAPE, coupling="spline")),
@@ -191,32 +189,15 @@ def _select(name, **params):
 
 
 _select("mlp-affine", coupling="affine")
-_select("mlp-affine-adam-l2", coupling="affine", optimizer="adam-l2")
-_select("mlp-affine-wd0.1", coupling="affine", weight_decay=0.1)
 _select("mlp-affine-wd1", coupling="affine", weight_decay=1.0)
-_select("mlp-spline-64x8-b5-wd0.1", coupling="spline", hidden_features=64, n_steps=8, bound=5.0,
-        weight_decay=0.1)
 _select("mlp-spline-64x8-b5-wd1", coupling="spline", hidden_features=64, n_steps=8, bound=5.0,
-        weight_decay=1.0)
+        spline_affine=False, weight_decay=1.0)
 _select("mlp-spline-128x4-b5-wd1", coupling="spline", hidden_features=128, n_steps=4,
-        bound=5.0, weight_decay=1.0)
+        bound=5.0, spline_affine=False, weight_decay=1.0)
 _select("mlp-spline-64x8-b5-affine-wd1", coupling="spline", hidden_features=64, n_steps=8,
         bound=5.0, spline_affine=True, weight_decay=1.0)
-_select("mlp-spline-64x8-b5-k4-wd1", coupling="spline", hidden_features=64, n_steps=8,
-        bound=5.0, n_bins=4, weight_decay=1.0)
-_select("mlp-spline-128x8", coupling="spline", hidden_features=128, n_steps=8, bound=3.0)
-_select("mlp-spline-64x8-b5", coupling="spline", hidden_features=64, n_steps=8, bound=5.0)
-_select("mlp-spline-64x8-b5-affine", coupling="spline", hidden_features=64, n_steps=8,
-        bound=5.0, spline_affine=True)
-_select("glow-affine", image_shape=SHAPE, coupling="affine")
-_select("glow-spline-32x4-b3", image_shape=SHAPE, coupling="spline", hidden_features=32,
-        n_steps=4, bound=3.0)
 _select("glow-spline-32x4-b5", image_shape=SHAPE, coupling="spline", hidden_features=32,
-        n_steps=4, bound=5.0)
-_select("maf-spline-128x5", architecture="maf", coupling="spline", hidden_features=128,
-        n_steps=5)
-_select("maf-affine-128x5", architecture="maf", coupling="affine", hidden_features=128,
-        n_steps=5)
+        n_steps=4, bound=5.0, spline_affine=False)
 
 
 def generation_ms(architecture, batch=128, repeats=20):

@@ -23,41 +23,23 @@ from .nn.coupling import TRANSFORMS
 
 _CHUNK = 4096
 _MAX_BINS = 100
-#: FlowPrior's settings for ``None``, per architecture family and coupling, chosen on a
-#: validation split of the digits (benchmarks/density.py, ``--select``): vector (``mlp``)
-#: flows are small-data models that overfit quickly, image flows share their convolution
-#: weights over space.
+#: FlowPrior's settings for ``None``, per architecture family and coupling. ``affine`` and
+#: ``spline`` were chosen on a validation split of the digits (``python benchmarks/density.py
+#: --select``, results/density_select.json); ``additive`` and ``robust-spline`` take the
+#: affine settings; ``maf`` takes the size of zuko's NSF in the density benchmark. Vector
+#: (``mlp``) flows are small-data models that overfit quickly, image flows share their
+#: convolution weights over space.
+_MLP = {"n_steps": 8, "hidden_features": 128, "learning_rate": 6e-4, "weight_decay": 1e-3}
+_IMAGE = {"n_steps": 4, "hidden_features": 32, "learning_rate": 1e-3, "weight_decay": 1e-4}
+_MAF = {"n_steps": 5, "hidden_features": 128, "learning_rate": 1e-3, "weight_decay": 1e-3}
 _AUTO = {
-    "mlp": {
-        "affine": {"n_steps": 8, "hidden_features": 128, "learning_rate": 6e-4,
-                   "weight_decay": 1e-3},
-        "additive": {"n_steps": 8, "hidden_features": 128, "learning_rate": 6e-4,
-                     "weight_decay": 1e-3},
-        "spline": {"n_steps": 8, "hidden_features": 128, "learning_rate": 6e-4,
-                   "weight_decay": 1e-3, "n_bins": 8, "bound": 3.0},
-        "robust-spline": {"n_steps": 8, "hidden_features": 128, "learning_rate": 6e-4,
-                          "weight_decay": 1e-3, "bound": 3.0},
-    },
-    "maf": {
-        "affine": {"n_steps": 5, "hidden_features": 128, "learning_rate": 1e-3,
-                   "weight_decay": 1e-3},
-        "additive": {"n_steps": 5, "hidden_features": 128, "learning_rate": 1e-3,
-                     "weight_decay": 1e-3},
-        "spline": {"n_steps": 5, "hidden_features": 128, "learning_rate": 1e-3,
-                   "weight_decay": 1e-3, "n_bins": 8, "bound": 3.0},
-        "robust-spline": {"n_steps": 5, "hidden_features": 128, "learning_rate": 1e-3,
-                          "weight_decay": 1e-3, "bound": 3.0},
-    },
-    "image": {
-        "affine": {"n_steps": 4, "hidden_features": 32, "learning_rate": 1e-3,
-                   "weight_decay": 1e-4},
-        "additive": {"n_steps": 4, "hidden_features": 32, "learning_rate": 1e-3,
-                     "weight_decay": 1e-4},
-        "spline": {"n_steps": 4, "hidden_features": 32, "learning_rate": 1e-3,
-                   "weight_decay": 1e-4, "n_bins": 8, "bound": 3.0},
-        "robust-spline": {"n_steps": 4, "hidden_features": 32, "learning_rate": 1e-3,
-                          "weight_decay": 1e-4, "bound": 3.0},
-    },
+    "mlp": {"affine": _MLP, "additive": _MLP, "robust-spline": {**_MLP, "bound": 3.0},
+            "spline": {"n_steps": 8, "hidden_features": 64, "learning_rate": 6e-4,
+                       "weight_decay": 1.0, "n_bins": 8, "bound": 5.0, "spline_affine": True}},
+    "image": {"affine": _IMAGE, "additive": _IMAGE, "robust-spline": {**_IMAGE, "bound": 3.0},
+              "spline": {**_IMAGE, "n_bins": 8, "bound": 5.0, "spline_affine": False}},
+    "maf": {"affine": _MAF, "additive": _MAF, "robust-spline": {**_MAF, "bound": 3.0},
+            "spline": {**_MAF, "n_bins": 8, "bound": 5.0, "spline_affine": False}},
 }
 
 
@@ -271,25 +253,31 @@ class FlowPrior(BaseFlowEstimator):
         Bins of the ``"spline"`` coupling (None: 8).
     bound : float or None
         Half-width of the box ``[-bound, bound]`` in which the spline couplings act; outside
-        it they are the identity (plus the shift of ``"robust-spline"``). None: 3.
-    spline_affine : bool
+        it they are the identity (plus the shift of ``"robust-spline"``). None: 5 for
+        ``"spline"``, 3 for ``"robust-spline"``.
+    spline_affine : bool or None
         ``"spline"`` only: a conditional shift and scale (Glow's affine) in front of each
-        spline, which moves each value into the spline's box.
+        spline, which moves each value into the spline's box. None: True for ``mlp``, False
+        for the other architectures.
     n_levels : int
         Multiscale levels (image architectures).
     n_steps : int or None
-        Flow steps (per level for image architectures). None: 8 for ``mlp``, 4 for images.
+        Flow steps (per level for image architectures). None: the default of the architecture
+        and coupling (``flowsk.prior._AUTO``): 8 for ``mlp``, 4 for images, 5 for ``maf``.
     hidden_features : int or None
-        Width of the conditioner networks. None: 128 for ``mlp``, 32 for images.
+        Width of the conditioner networks. None: 128 for ``mlp`` (64 with ``"spline"``), 32
+        for images, 128 for ``maf``.
     data_range : (lo, hi) or None
         Bounded data: a logit layer at the data end keeps samples in range.
     dequantize : float
         Width of the uniform noise, centred on each value and reflected at the bounds of
         ``data_range``, added to every training and validation batch (0 for continuous data).
     max_epochs, batch_size, learning_rate, weight_decay, validation_fraction, n_iter_no_change
-        The training loop: Adam with L2 ``weight_decay``, early stopping on the validation
-        split (one learning-rate cut by 10 at the first plateau). ``learning_rate`` None: 6e-4
-        for ``mlp``, 1e-3 for images; ``weight_decay`` None: 1e-3 for ``mlp``, 1e-4 for images.
+        The training loop: AdamW (``weight_decay`` decoupled, on the weights of linear and
+        convolution layers only), early stopping on the validation split (one learning-rate
+        cut by 10 at the first plateau). ``learning_rate`` None: 6e-4 for ``mlp``, 1e-3 for
+        images and ``maf``; ``weight_decay`` None: 1e-3 for ``mlp`` (1.0 with ``"spline"``),
+        1e-4 for images, 1e-3 for ``maf``.
     on_nonfinite : {"raise", "warn"}
         What to do when a generated sample is not finite.
     device : "auto", "cpu", "cuda", ...
@@ -312,7 +300,7 @@ class FlowPrior(BaseFlowEstimator):
     """
 
     def __init__(self, image_shape=None, architecture=None, coupling="affine", n_bins=None,
-                 bound=None, spline_affine=False, n_levels=2,
+                 bound=None, spline_affine=None, n_levels=2,
                  n_steps=None, hidden_features=None, data_range=None, dequantize=0.0,
                  max_epochs=200, batch_size=64, learning_rate=None, weight_decay=None,
                  validation_fraction=0.1, n_iter_no_change=15, on_nonfinite="raise",
@@ -372,8 +360,9 @@ class FlowPrior(BaseFlowEstimator):
                                  f"minimal width), got {self.n_bins!r}")
         if self.bound is not None and not (is_real(self.bound) and self.bound > 0):
             raise ValueError(f"bound must be finite and > 0, got {self.bound!r}")
-        if not isinstance(self.spline_affine, (bool, np.bool_)):
-            raise TypeError(f"spline_affine must be True or False, got {self.spline_affine!r}")
+        if not isinstance(self.spline_affine, (bool, np.bool_, type(None))):
+            raise TypeError(f"spline_affine must be True, False or None, "
+                            f"got {self.spline_affine!r}")
         if not is_real(self.dequantize, 0):
             raise ValueError(f"dequantize must be finite and >= 0, got {self.dequantize!r}")
 
@@ -385,7 +374,7 @@ class FlowPrior(BaseFlowEstimator):
 
     def _fit(self, X, rng):
         options = {"n_bins": self._setting("n_bins"), "bound": self._setting("bound"),
-                   "affine": bool(self.spline_affine)}
+                   "affine": bool(self._setting("spline_affine"))}
         self.flow_ = build_flow(
             X.shape[1], image_shape=self.image_shape, architecture=self._architecture(),
             coupling=self.coupling, coupling_options=options, n_levels=self.n_levels,

@@ -205,6 +205,7 @@ def test_prior_spline_defaults_come_from_the_coupling():
     auto = flowsk.prior._AUTO["mlp"]["spline"]
     spline = next(m for m in prior.flow_.modules() if isinstance(m, Spline))
     assert (spline.n_bins, spline.bound) == (auto["n_bins"], auto["bound"])
+    assert (spline.affine is not None) == auto["spline_affine"]
     conditioner = next(m for m in prior.flow_.modules() if isinstance(m, Coupling)).conditioner
     assert conditioner.net[0].out_features == auto["hidden_features"]
     assert sum(isinstance(m, Coupling) for m in prior.flow_.modules()) == auto["n_steps"]
@@ -215,7 +216,8 @@ def test_every_family_and_coupling_has_its_defaults():
     for family, couplings in flowsk.prior._AUTO.items():
         assert set(couplings) == {"affine", "additive", "spline", "robust-spline"}, family
         for coupling, settings in couplings.items():
-            expected = keys | ({"n_bins", "bound"} if coupling == "spline" else set()) | (
+            expected = keys | ({"n_bins", "bound", "spline_affine"} if coupling == "spline"
+                               else set()) | (
                 {"bound"} if coupling == "robust-spline" else set())
             assert set(settings) == expected, (family, coupling)
 
