@@ -11,18 +11,37 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from ._training import as_tensor, resolve_device, train
-from ._validation import check_choice, check_finite_output, check_float32_range, is_real
+from ._validation import (
+    check_choice,
+    check_finite_output,
+    check_float32_range,
+    check_int,
+    is_real,
+)
 from .metrics import bits_per_dim
 from .nn.builders import ARCHITECTURES, IMAGE_ARCHITECTURES, build_flow
 from .nn.coupling import TRANSFORMS
 
 _CHUNK = 4096
-#: FlowPrior's settings for ``None``: vector (``mlp``) flows are small-data models that overfit
-#: quickly, image flows share their convolution weights over space (benchmarks/density.py).
-_AUTO = {"mlp": {"n_steps": 8, "hidden_features": 128, "learning_rate": 6e-4,
-                 "weight_decay": 1e-3},
-         "image": {"n_steps": 4, "hidden_features": 32, "learning_rate": 1e-3,
-                   "weight_decay": 1e-4}}
+_MAX_BINS = 100
+#: FlowPrior's settings for ``None``, per architecture family and coupling. ``affine`` and
+#: ``spline`` were chosen on a validation split of the digits (``python benchmarks/density.py
+#: --select``, results/density_select.json); ``additive`` and ``robust-spline`` take the
+#: affine settings; ``maf`` takes the size of zuko's NSF in the density benchmark. Vector
+#: (``mlp``) flows are small-data models that overfit quickly, image flows share their
+#: convolution weights over space.
+_MLP = {"n_steps": 8, "hidden_features": 128, "learning_rate": 6e-4, "weight_decay": 1e-3}
+_IMAGE = {"n_steps": 4, "hidden_features": 32, "learning_rate": 1e-3, "weight_decay": 1e-4}
+_MAF = {"n_steps": 5, "hidden_features": 128, "learning_rate": 1e-3, "weight_decay": 1e-3}
+_AUTO = {
+    "mlp": {"affine": _MLP, "additive": _MLP, "robust-spline": {**_MLP, "bound": 3.0},
+            "spline": {"n_steps": 8, "hidden_features": 64, "learning_rate": 6e-4,
+                       "weight_decay": 1.0, "n_bins": 8, "bound": 5.0, "spline_affine": True}},
+    "image": {"affine": _IMAGE, "additive": _IMAGE, "robust-spline": {**_IMAGE, "bound": 3.0},
+              "spline": {**_IMAGE, "n_bins": 8, "bound": 5.0, "spline_affine": False}},
+    "maf": {"affine": _MAF, "additive": _MAF, "robust-spline": {**_MAF, "bound": 3.0},
+            "spline": {**_MAF, "n_bins": 8, "bound": 5.0, "spline_affine": False}},
+}
 
 
 def dequantize(batch, width, data_range=None):
@@ -248,24 +267,44 @@ class FlowPrior(BaseFlowEstimator):
     ----------
     image_shape : (C, H, W) or None
         How the flat features unflatten (C order). Needed by the image architectures.
-    architecture : {"mlp", "glow", "realnvp", "chavez"} or None
-        None picks "glow" when ``image_shape`` is given, else "mlp".
+    architecture : {"mlp", "glow", "realnvp", "chavez", "maf"} or None
+        None picks "glow" when ``image_shape`` is given, else "mlp". ``"maf"`` (masked
+        autoregressive, for vectors) is for density estimation only: it scores in one pass
+        but samples and generates in one pass per feature, far too slow for the latent-space
+        solvers of :class:`~flowsk.InverseSolver`.
     coupling : {"affine", "additive", "spline", "robust-spline"}
+        The coupling's element-wise transform: Glow's affine (log-scale soft-clamped to
+        (-3, 3)), NICE's additive, a rational-quadratic spline (Durkan et al.) or Hong et al.'s
+        two-bin spline plus shift, whose inverse cannot explode.
+    n_bins : int or None
+        Bins of the ``"spline"`` coupling (None: 8).
+    bound : float or None
+        Half-width of the box ``[-bound, bound]`` in which the spline couplings act; outside
+        it they are the identity (plus the shift of ``"robust-spline"``). None: 5 for
+        ``"spline"``, 3 for ``"robust-spline"``.
+    spline_affine : bool or None
+        ``"spline"`` only: a conditional shift and scale (Glow's affine) in front of each
+        spline, which moves each value into the spline's box. None: True for ``mlp``, False
+        for the other architectures.
     n_levels : int
         Multiscale levels (image architectures).
     n_steps : int or None
-        Flow steps (per level for image architectures). None: 8 for ``mlp``, 4 for images.
+        Flow steps (per level for image architectures). None: the default of the architecture
+        and coupling (``flowsk.prior._AUTO``): 8 for ``mlp``, 4 for images, 5 for ``maf``.
     hidden_features : int or None
-        Width of the conditioner networks. None: 128 for ``mlp``, 32 for images.
+        Width of the conditioner networks. None: 128 for ``mlp`` (64 with ``"spline"``), 32
+        for images, 128 for ``maf``.
     data_range : (lo, hi) or None
         Bounded data: a logit layer at the data end keeps samples in range.
     dequantize : float
         Width of the uniform noise, centred on each value and reflected at the bounds of
         ``data_range``, added to every training and validation batch (0 for continuous data).
     max_epochs, batch_size, learning_rate, weight_decay, validation_fraction, n_iter_no_change
-        The training loop: Adam with L2 ``weight_decay``, early stopping on the validation
-        split (one learning-rate cut by 10 at the first plateau). ``learning_rate`` None: 6e-4
-        for ``mlp``, 1e-3 for images; ``weight_decay`` None: 1e-3 for ``mlp``, 1e-4 for images.
+        The training loop: AdamW (``weight_decay`` decoupled, on the weights of linear and
+        convolution layers only), early stopping on the validation split (one learning-rate
+        cut by 10 at the first plateau). ``learning_rate`` None: 6e-4 for ``mlp``, 1e-3 for
+        images and ``maf``; ``weight_decay`` None: 1e-3 for ``mlp`` (1.0 with ``"spline"``),
+        1e-4 for images, 1e-3 for ``maf``.
     on_nonfinite : {"raise", "warn"}
         What to do when a generated sample is not finite.
     device : "auto", "cpu", "cuda", ...
@@ -290,7 +329,8 @@ class FlowPrior(BaseFlowEstimator):
     device_ : torch.device
     """
 
-    def __init__(self, image_shape=None, architecture=None, coupling="affine", n_levels=2,
+    def __init__(self, image_shape=None, architecture=None, coupling="affine", n_bins=None,
+                 bound=None, spline_affine=None, n_levels=2,
                  n_steps=None, hidden_features=None, data_range=None, dequantize=0.0,
                  max_epochs=200, batch_size=64, learning_rate=None, weight_decay=None,
                  validation_fraction=0.1, n_iter_no_change=15, on_nonfinite="raise",
@@ -298,6 +338,9 @@ class FlowPrior(BaseFlowEstimator):
         self.image_shape = image_shape
         self.architecture = architecture
         self.coupling = coupling
+        self.n_bins = n_bins
+        self.bound = bound
+        self.spline_affine = spline_affine
         self.n_levels = n_levels
         self.n_steps = n_steps
         self.hidden_features = hidden_features
@@ -321,8 +364,10 @@ class FlowPrior(BaseFlowEstimator):
 
     def _setting(self, name):
         value = getattr(self, name)
-        if value is None and name in _AUTO["mlp"]:
-            return _AUTO["mlp" if self._architecture() == "mlp" else "image"][name]
+        if value is None:
+            arch = self._architecture()
+            family = arch if arch in _AUTO else "image"
+            return _AUTO[family].get(self.coupling, {}).get(name)
         return value
 
     def _check_params(self):
@@ -338,6 +383,16 @@ class FlowPrior(BaseFlowEstimator):
             value = self._setting(name)
             if not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.n_bins is not None:
+            check_int("n_bins", self.n_bins, 1)
+            if self.n_bins > _MAX_BINS:
+                raise ValueError(f"n_bins must be at most {_MAX_BINS} (each bin keeps a "
+                                 f"minimal width), got {self.n_bins!r}")
+        if self.bound is not None and not (is_real(self.bound) and self.bound > 0):
+            raise ValueError(f"bound must be finite and > 0, got {self.bound!r}")
+        if not isinstance(self.spline_affine, (bool, np.bool_, type(None))):
+            raise TypeError(f"spline_affine must be True, False or None, "
+                            f"got {self.spline_affine!r}")
         if not is_real(self.dequantize, 0):
             raise ValueError(f"dequantize must be finite and >= 0, got {self.dequantize!r}")
 
@@ -349,9 +404,12 @@ class FlowPrior(BaseFlowEstimator):
 
     def _build_flow(self, n_features, seed):
         """The untrained flow on ``n_features``; ``seed`` (int) seeds its random layers."""
+        options = {"n_bins": self._setting("n_bins"), "bound": self._setting("bound"),
+                   "affine": bool(self._setting("spline_affine"))}
         return build_flow(
             n_features, image_shape=self.image_shape, architecture=self._architecture(),
-            coupling=self.coupling, n_levels=self.n_levels, n_steps=self._setting("n_steps"),
+            coupling=self.coupling, coupling_options=options, n_levels=self.n_levels,
+            n_steps=self._setting("n_steps"),
             hidden_features=self._setting("hidden_features"), data_range=self.data_range,
             random_state=seed)
 

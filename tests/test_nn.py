@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from flowsk.nn.autoregressive import MaskedAutoregressive
 from flowsk.nn.base import Chain, Flow, standard_normal_log_prob, sum_per_sample
 from flowsk.nn.builders import (
     ARCHITECTURES,
@@ -316,7 +317,7 @@ def test_fresh_flow_is_orthogonal_and_its_couplings_identities(architecture, cou
     jac = torch.autograd.functional.jacobian(lambda v: flow(v[None])[0][0], x[0])
     torch.testing.assert_close(jac @ jac.T, torch.eye(16, dtype=torch.float64), rtol=0,
                                atol=1e-5)
-    couplings = [m for m in flow.modules() if isinstance(m, Coupling)]
+    couplings = [m for m in flow.modules() if isinstance(m, (Coupling, MaskedAutoregressive))]
     assert couplings
     for m in flow.modules():
         if isinstance(m, ActNorm):
@@ -577,11 +578,10 @@ def test_build_flow_rejects_unknown_architecture():
         build_flow(4, architecture="nope")
 
 
-def test_affine_scale_is_glows_sigmoid():
-    """``log_scale = log(sigmoid(s + 2) / sigmoid(2))``."""
+def test_affine_scale_is_glows_sigmoid_soft_clamped():
+    """``log_scale = 3 tanh(log(sigmoid(s + 2) / sigmoid(2)) / 3)``."""
     s = torch.linspace(-5, 5, 11, dtype=torch.float64)
     params = torch.stack([s, torch.zeros_like(s)], -1)
     _, log_scale = Affine()(torch.zeros_like(s), params)
-    expected = torch.log(torch.sigmoid(s + 2) / torch.sigmoid(torch.tensor(2.0,
-                                                                            dtype=torch.float64)))
-    torch.testing.assert_close(log_scale, expected, rtol=1e-14, atol=1e-14)
+    glow = torch.log(torch.sigmoid(s + 2) / torch.sigmoid(torch.tensor(2.0, dtype=torch.float64)))
+    torch.testing.assert_close(log_scale, 3.0 * torch.tanh(glow / 3.0), rtol=1e-14, atol=1e-14)

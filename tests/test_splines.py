@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from flowsk.nn.splines import (
+    CLAMP,
     ROBUST_N_PARAMS,
+    min_slope,
     n_params,
     rational_quadratic,
     robust_rational_quadratic,
@@ -177,8 +179,87 @@ def test_robust_inverse_is_bounded(dtype, param_scale):
     assert ((x - y).abs() <= 2 * BOUND + t.abs() + slack).all()
     # in the box the inverse lands in the box
     assert (x[1000:].abs() <= BOUND * (1 + 1e-6)).all()
-    # the inverse's log-derivative stays bounded: c' >= some positive floor
-    assert lad.max() < 20.0
+    # the inverse's log-slope stays below the documented bound
+    assert lad.max() <= -math.log(min_slope(2)) + 1e-9
+
+
+# ---------------------------------------------------------------------------
+# the slope bound: min_slope is the infimum of c' over parameters and inputs
+
+
+def _extreme_params(K, n, seed, dtype=torch.float64):
+    """``(n, P)`` parameters at every scale, down to saturated soft clamps (about a third of
+    them at +-1e3, where ``clamp * tanh(p / clamp)`` is exactly +-clamp)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([0.5, 2.0, 5.0, 1e3], dtype=dtype)[torch.randint(4, (n, 1), generator=g)]
+    return scale * torch.randn(n, _n(K), generator=g, dtype=dtype)
+
+
+def _worst_params(K, k, left, right, big=1e3):
+    """Bin ``k`` as flat as the clamps allow (smallest height, largest width), with the
+    derivatives at its interior knots at ``left * big`` and ``right * big`` (a knot at an end
+    of the box has derivative 1)."""
+    widths, heights, derivs = torch.full((K,), -big), torch.full((K,), big), torch.zeros(K - 1)
+    widths[k], heights[k] = big, -big
+    if k > 0:
+        derivs[k - 1] = left * big
+    if k < K - 1:
+        derivs[k] = right * big
+    params = torch.cat([widths, heights, derivs]).double()
+    return torch.cat([params, torch.zeros(1, dtype=torch.float64)]) if K == 2 else params
+
+
+@pytest.mark.parametrize("fn,K", SPLINES)
+def test_slope_never_below_min_slope(fn, K):
+    # a forward log-slope below log(min_slope) by 1e-9 fails the test
+    n = 4000
+    params = _extreme_params(K, n, seed=20)
+    t = params[:, -1] if K is None else 0.0
+    g = torch.Generator().manual_seed(21)
+    x = t + BOUND * (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1)
+    _, lad = fn(x, params)
+    floor = math.log(min_slope(2 if K is None else K))
+    assert lad.min() >= floor - 1e-9
+    # and the inverse's log-slope stays below -floor
+    _, lad_inv = fn(x, params, inverse=True)
+    assert lad_inv.max() <= -floor + 1e-9
+
+
+@pytest.mark.parametrize("K", [2, 3, 8])
+def test_min_slope_is_attained(K):
+    # the bound is tight: the flattest admissible bin reaches it within 1e-6 (in log)
+    grid = torch.linspace(-BOUND, BOUND, 100001, dtype=torch.float64)
+    fn = robust_rational_quadratic if K == 2 else rational_quadratic
+    lowest = min(
+        fn(grid, _worst_params(K, k, left, right).expand(len(grid), -1))[1].min().item()
+        for k in range(min(K, 2)) for left in (-1.0, 1.0) for right in (-1.0, 1.0))
+    floor = math.log(min_slope(K))
+    assert floor - 1e-9 <= lowest <= floor + 1e-6
+
+
+def test_min_slope_needs_the_clamp():
+    # without the clamp an interior derivative grows without limit and flattens its bins
+    # below any floor: the bound is 0, and large parameters go far below the clamped bound
+    assert min_slope(2, clamp=None) == 0.0
+    grid = torch.linspace(-BOUND, BOUND, 20001, dtype=torch.float64)
+    params = torch.tensor([30.0, -30.0, -30.0, 30.0, 1e3], dtype=torch.float64)
+    _, lad = rational_quadratic(grid, params.expand(len(grid), -1), clamp=None)
+    assert lad.min() < math.log(min_slope(2)) - 5.0
+
+
+def test_min_slope_of_one_bin_and_monotone_in_clamp():
+    assert min_slope(1) == 1.0
+    slopes = [min_slope(8, clamp=c) for c in (1.0, 3.0, 5.0, 10.0)]
+    assert all(a > b > 0 for a, b in zip(slopes, slopes[1:]))
+
+
+def test_params_are_soft_clamped():
+    x, params = _inputs(5, seed=22, scale=20.0)
+    y, lad = rational_quadratic(x, params)
+    y_ref, lad_ref = rational_quadratic(x, CLAMP * torch.tanh(params / CLAMP), clamp=None)
+    torch.testing.assert_close(y, y_ref, atol=1e-14, rtol=0)
+    torch.testing.assert_close(lad, lad_ref, atol=1e-14, rtol=0)
+    assert (params.abs() > 2 * CLAMP).float().mean() > 0.5  # the clamp was active
 
 
 @pytest.mark.parametrize("fn,K", SPLINES)
@@ -238,12 +319,13 @@ def _np_knots(u, bound, min_size):
     return knots
 
 
-def _np_rq_forward(x, params, bound=BOUND, mw=1e-3, mh=1e-3, md=1e-3):
+def _np_rq_forward(x, params, bound=BOUND, mw=1e-3, mh=1e-3, md=1e-3, clamp=CLAMP):
     K = (params.shape[-1] + 1) // 3
     y = np.empty_like(x)
     lad = np.empty_like(x)
     for i in range(x.size):
         xi, p = x.flat[i], params.reshape(-1, params.shape[-1])[i]
+        p = clamp * np.tanh(p / clamp)
         if not -bound <= xi <= bound:
             y.flat[i], lad.flat[i] = xi, 0.0
             continue

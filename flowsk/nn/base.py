@@ -7,12 +7,18 @@ vector that only conditional couplings read.
 """
 import math
 
+import torch
 from torch import nn
 
 
 def sum_per_sample(t):
     """Sum every dimension but the first: ``(B, ...) -> (B,)``."""
     return t.reshape(t.shape[0], -1).sum(1)
+
+
+def soft_clamp(t, limit):
+    """``limit * tanh(t / limit)``: the identity near 0, smoothly bounded to ``(-limit, limit)``."""
+    return limit * torch.tanh(t / limit)
 
 
 def standard_normal_log_prob(z):

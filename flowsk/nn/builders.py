@@ -5,35 +5,49 @@
 - ``realnvp``: images; multiscale, steps of a CNN coupling and a channel reversal.
 - ``chavez``: images; multiscale, steps of ActNorm, a channel swap and a CNN coupling whose
   conditioner uses 1x1 convolutions on 1x1 maps: no layer needs a matrix inverse.
+- ``maf``: flat vectors, for density estimation; steps of ActNorm, invertible linear (LU) and
+  a masked autoregressive transform. Generating (the inverse) takes one network pass per
+  feature, so it is slow to sample and not for the latent-space solvers.
 """
 import torch
 
+from .autoregressive import MaskedAutoregressive
 from .base import Chain, Flow
 from .coupling import Coupling, make_transform
 from .linear import ActNorm, InvertibleLinear, Permutation
 from .multiscale import Logit, Multiscale, Reshape
 from .networks import CNN, MLP
 
-ARCHITECTURES = ("mlp", "glow", "realnvp", "chavez")
+ARCHITECTURES = ("mlp", "glow", "realnvp", "chavez", "maf")
 IMAGE_ARCHITECTURES = ("glow", "realnvp", "chavez")
 
 
-def vector_step(features, coupling, hidden_features, context_features=0, generator=None):
+def vector_step(features, coupling, hidden_features, context_features=0, generator=None,
+                coupling_options=None):
     """One ``mlp`` step on ``(B, features)``."""
     layers = [ActNorm(features), InvertibleLinear(features, generator)]
     split = features // 2
     if split:  # a single feature has nothing to condition on: the step is affine
-        transform = make_transform(coupling)
+        transform = make_transform(coupling, **(coupling_options or {}))
         net = MLP(split, (features - split) * transform.n_params, hidden_features,
                   context_features=context_features)
         layers.append(Coupling(split, net, transform))
     return layers
 
 
-def image_step(architecture, shape, coupling, hidden_features, generator=None):
+def autoregressive_step(features, coupling, hidden_features, generator=None,
+                        coupling_options=None):
+    """One ``maf`` step on ``(B, features)``."""
+    transform = make_transform(coupling, **(coupling_options or {}))
+    return [ActNorm(features), InvertibleLinear(features, generator),
+            MaskedAutoregressive(features, transform, hidden_features)]
+
+
+def image_step(architecture, shape, coupling, hidden_features, generator=None,
+               coupling_options=None):
     """One step of an image architecture on ``(B, *shape)``."""
     c, h, _ = shape
-    transform = make_transform(coupling)
+    transform = make_transform(coupling, **(coupling_options or {}))
     split = c // 2
     kernel = 1 if h == 1 else 3
     coupling_layer = Coupling(
@@ -60,26 +74,34 @@ def level_shapes(image_shape, n_levels):
 
 
 def build_flow(n_features, *, image_shape=None, architecture="mlp", coupling="affine",
-               n_levels=2, n_steps=4, hidden_features=64, data_range=None,
-               context_features=0, random_state=0):
+               coupling_options=None, n_levels=2, n_steps=4, hidden_features=64,
+               data_range=None, context_features=0, random_state=0):
     """A :class:`Flow` on flat ``(B, n_features)`` data.
 
-    ``random_state`` (int) seeds the random rotations and permutations; network weights come
-    from torch's global generator, which the caller seeds.
+    ``coupling_options`` (a dict: ``n_bins``, ``bound``, ``affine``) go to
+    :func:`~flowsk.nn.coupling.make_transform`. ``random_state`` (int) seeds the random
+    rotations and permutations; network weights come from torch's global generator, which
+    the caller seeds.
     """
     generator = torch.Generator().manual_seed(int(random_state))
     layers = [Logit(data_range)] if data_range is not None else []
     if architecture == "mlp":
         for _ in range(n_steps):
             layers += vector_step(n_features, coupling, hidden_features, context_features,
-                                  generator)
+                                  generator, coupling_options)
+    elif architecture == "maf":
+        if context_features:
+            raise ValueError("conditional flows need architecture='mlp'")
+        for _ in range(n_steps):
+            layers += autoregressive_step(n_features, coupling, hidden_features, generator,
+                                          coupling_options)
     elif architecture in IMAGE_ARCHITECTURES:
         if context_features:
             raise ValueError("conditional flows need architecture='mlp'")
         shapes = level_shapes(image_shape, n_levels)
         levels = [Chain(*[layer for _ in range(n_steps)
                           for layer in image_step(architecture, s, coupling, hidden_features,
-                                                  generator)])
+                                                  generator, coupling_options)])
                   for s in shapes]
         layers += [Reshape(image_shape), Multiscale(levels, shapes)]
     else:
