@@ -58,10 +58,10 @@ def digits(select=False):
 def adam_l2():
     """flowsk's previous optimizer: Adam with L2 ``weight_decay`` on every parameter (biases,
     ActNorm and LU factors included) instead of AdamW on the layer weights."""
-    def adam(groups, lr):
+    def adam(groups, lr, **options):
         decay = max(group["weight_decay"] for group in groups)
         return torch.optim.Adam([p for g in groups for p in g["params"]], lr=lr,
-                                weight_decay=decay)
+                                weight_decay=decay, **options)
 
     with mock.patch.object(flowsk._training.torch.optim, "AdamW", adam):
         yield
