@@ -15,7 +15,7 @@ speed) on digits, the demo's ``cs16`` task (16 compressed-sensing measurements, 
 
 The three runs of each method are timed back to back, cycling over ``--repeats`` rounds; each
 number is the fastest round. Both clusters are started (and warmed up by a small predict)
-before any timing. Run it holding both cores (``/work/bin/heavy /work/bin/heavy ...``).
+before any timing. Run it with both cores free of other work.
 Writes results/dask_scaling.json.
 
     PYTHONPATH=. python benchmarks/dask_scaling.py [--quick] [--repeats R]

@@ -25,7 +25,7 @@
   ``map`` iteration at batch 32 / 256, flowsk ``glow`` against normflows' Glow, both L=3, K=8,
   width 256; writes results/image_speed-cuda.json.
 
-Run on one core (``/work/bin/heavy``). Writes results/image_speed.json.
+Run on one core (``OMP_NUM_THREADS=1``). Writes results/image_speed.json.
 
     python benchmarks/image_speed.py [--quick] [--compile] [--device cpu|cuda]
 """

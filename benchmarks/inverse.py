@@ -8,7 +8,7 @@ mean under GaussianMixture(10, full, reg_covar=1e-3). The prior is ``PRIOR`` (th
 density benchmark's best on its validation split); ``--prior`` picks another. Prints PSNR /
 SSIM / seconds and writes results/inverse.json.
 
-    python benchmarks/inverse.py [--quick] [--prior glow|mlp]
+    python benchmarks/inverse.py [--quick] [--prior glow-spline|glow|mlp]
 """
 import argparse
 import time
@@ -28,9 +28,11 @@ from flowsk.metrics import psnr, ssim
 
 RESULTS = Path(__file__).parent / "results"
 #: The priors ``--prior`` chooses from: name -> (cache name, FlowPrior settings).
-PRIORS = {"glow": ("prior-digits-glow", {"image_shape": (1, 8, 8)}),
+PRIORS = {"glow-spline": ("prior-digits-glow-spline",
+                          {"image_shape": (1, 8, 8), "coupling": "spline"}),
+          "glow": ("prior-digits-glow", {"image_shape": (1, 8, 8)}),
           "mlp": ("prior-digits", {})}
-PRIOR = "glow"
+PRIOR = "glow-spline"  # the best prior of the density benchmark
 TASK_LABELS = {"denoise": "denoise (σ 0.1)", "inpaint": "inpaint (4x4 box)",
                "cs16": "cs16 (16 meas.)", "deblur": "deblur (3x3)", "sr2": "sr2 (2x)"}
 # csgm runs 1000 Adam iterations (Chavez runs 1500): from a random start it is still improving
