@@ -371,7 +371,7 @@ class FlowPrior(BaseFlowEstimator):
         return value
 
     def _check_params(self):
-        self._check_common_params()
+        # architecture and coupling first: the defaults of the other settings depend on them
         arch = self._architecture()
         if arch not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {arch!r}")
@@ -379,6 +379,7 @@ class FlowPrior(BaseFlowEstimator):
             raise ValueError(f"architecture={arch!r} needs image_shape=(C, H, W); "
                              "use architecture='mlp' for vector data")
         check_choice("coupling", self.coupling, TRANSFORMS)
+        self._check_common_params()
         for name in ("n_levels", "n_steps", "hidden_features"):
             value = self._setting(name)
             if not isinstance(value, numbers.Integral) or value < 1:

@@ -52,7 +52,8 @@ def bounded():
 
 
 @pytest.mark.parametrize("method,params,mean_tol,std_tol", [
-    ("mala", {}, 0.1, 0.1), ("mala", {"preconditioner": "identity", "burn_in": 1000, "thin": 20}, 0.1, 0.1),
+    ("mala", {}, 0.1, 0.1),
+    ("mala", {"preconditioner": "identity", "burn_in": 1000, "thin": 20}, 0.1, 0.1),
     ("hmc", {}, 0.1, 0.1), ("pl-mcmc", {}, 0.1, 0.1), ("langevin", {}, 0.15, 0.15)])
 def test_mcmc_matches_a_non_gaussian_posterior(bounded, method, params, mean_tol, std_tol):
     """Bounded prior, linear operator on the signal: the Laplace approximation is not the
