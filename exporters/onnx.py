@@ -45,23 +45,28 @@ takes 7-25 times longer per model (several seconds for a tiny flow, close to a m
 default image prior). The exported graph is checked to hold no matrix inverse, determinant or
 data-dependent indexing (``FORBIDDEN_OPS``).
 """
+from __future__ import annotations
+
 import copy
 import inspect
 import io
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
+from numpy.typing import NDArray
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 import flowsk
 from flowsk import FlowPrior, InjectiveFlowPrior, InverseSolver
+from flowsk._typing import PathLike, RandomStateLike
 from flowsk.methods.variational import amortized_draw
 
 __all__ = [
@@ -120,14 +125,14 @@ class OnnxPart:
     requires: Callable | None = None
 
     @property
-    def input_names(self):
+    def input_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.inputs)
 
 
 _PARTS = {}
 
 
-def register_parts(estimator_type, parts):
+def register_parts(estimator_type: type, parts: dict[str, OnnxPart]) -> None:
     """Declare the exportable parts (``{name: OnnxPart}``) of ``estimator_type``.
 
     The table of the first class in an estimator's MRO that has one is used whole, so a subclass
@@ -155,7 +160,7 @@ def _unavailable(estimator, spec):
     return spec.requires(estimator)
 
 
-def available_parts(estimator):
+def available_parts(estimator: Any) -> list[str]:
     """Names of the parts ``estimator`` (an instance or a class) can export, sorted."""
     return sorted(name for name, spec in _parts_table(estimator).items()
                   if _unavailable(estimator, spec) is None)
@@ -177,52 +182,54 @@ class FlowDecoder(torch.nn.Module):
     """``z (B, latent_dim) -> x (B, n_features)``: the generator, clipped to the data range
     (``flow.decode``), as ``sample`` and ``inverse_transform`` return it."""
 
-    def __init__(self, flow):
+    def __init__(self, flow: torch.nn.Module) -> None:
         super().__init__()
         self.flow = flow
 
-    def forward(self, z):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.flow.decode(z)
 
 
 class FlowEncoder(torch.nn.Module):
     """``x (B, n_features) -> z (B, latent_dim)``."""
 
-    def __init__(self, flow):
+    def __init__(self, flow: torch.nn.Module) -> None:
         super().__init__()
         self.flow = flow
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.flow(x)[0]
 
 
 class FlowLogProb(torch.nn.Module):
     """``x (B, n_features) -> log p(x) (B,)`` in nats."""
 
-    def __init__(self, flow):
+    def __init__(self, flow: torch.nn.Module) -> None:
         super().__init__()
         self.flow = flow
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.flow.log_prob(x)
 
 
-def latent_shape(est):
+def latent_shape(est: FlowPrior | InjectiveFlowPrior) -> tuple[int]:
     """Per-sample shape of a flow estimator's latent: ``(latent_dim,)``."""
     return (int(est.flow_.latent_dim),)
 
 
-def data_shape(est):
+def data_shape(est: FlowPrior | InjectiveFlowPrior) -> tuple[int]:
     """Per-sample shape of a flow estimator's data: ``(n_features,)``."""
     return (int(est.flow_.n_features),)
 
 
-def latent_samples(est, n_samples, rng):
+def latent_samples(est: FlowPrior | InjectiveFlowPrior, n_samples: int,
+                   rng: np.random.RandomState) -> tuple[NDArray[np.float32]]:
     """Standard normal latents ``(n_samples, latent_dim)``, float32."""
     return (rng.standard_normal((n_samples, est.flow_.latent_dim)).astype(np.float32),)
 
 
-def data_samples(est, n_samples, rng):
+def data_samples(est: FlowPrior | InjectiveFlowPrior, n_samples: int,
+                 rng: np.random.RandomState) -> tuple[NDArray[np.float32]]:
     """Samples of the estimator itself: they lie in ``data_range`` and where the flow is used."""
     return (np.asarray(est.sample(n_samples, random_state=rng), dtype=np.float32),)
 
@@ -245,11 +252,11 @@ register_parts(FlowPrior, FLOW_PRIOR_PARTS)
 class FlowProjector(torch.nn.Module):
     """``x (B, n_features) -> G(G^+(x)) (B, n_features)``: projection onto the range."""
 
-    def __init__(self, flow):
+    def __init__(self, flow: torch.nn.Module) -> None:
         super().__init__()
         self.flow = flow
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.flow.project(x)
 
 
@@ -270,11 +277,11 @@ class PosteriorSampler(torch.nn.Module):
     ``p(x | y)``.
     """
 
-    def __init__(self, model, flow):
+    def __init__(self, model: torch.nn.Module, flow: torch.nn.Module) -> None:
         super().__init__()
         self.model, self.flow = model, flow
 
-    def forward(self, y, noise):
+    def forward(self, y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return amortized_draw(self.model, self.flow, y, noise)
 
 
@@ -369,7 +376,7 @@ def _torch_export(module, examples, input_names, output_names, opset):
     return onnx.load_from_string(buffer.getvalue())
 
 
-def op_types(model):
+def op_types(model: PathLike | onnx.ModelProto) -> set[str]:
     """Set of op types in ``model`` (path or ``ModelProto``), functions included."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(os.fspath(model), load_external_data=False)
@@ -379,7 +386,8 @@ def op_types(model):
     return ops
 
 
-def to_onnx(estimator, path, part="decoder", opset=None):
+def to_onnx(estimator: FlowPrior | InjectiveFlowPrior | InverseSolver, path: PathLike,
+            part: str = "decoder", opset: int | None = None) -> PathLike:
     """Export one part of a fitted estimator to an ONNX file with a dynamic batch axis.
 
     Parameters
@@ -423,7 +431,7 @@ def to_onnx(estimator, path, part="decoder", opset=None):
     return path
 
 
-def read_metadata(path):
+def read_metadata(path: PathLike | onnx.ModelProto) -> dict[str, Any]:
     """The flowsk metadata of an exported file, each value decoded from JSON."""
     model = path if isinstance(path, onnx.ModelProto) else onnx.load(os.fspath(path),
                                                                       load_external_data=False)
@@ -452,7 +460,10 @@ def _max_abs_error(got, ref):
     return float(err.max()) if err.size else 0.0
 
 
-def check_onnx(path, estimator, n_samples=64, providers=None, random_state=0):
+def check_onnx(path: PathLike, estimator: FlowPrior | InjectiveFlowPrior | InverseSolver,
+               n_samples: int = 64,
+               providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
+               random_state: RandomStateLike = 0) -> float:
     """Max absolute difference between onnxruntime and PyTorch on random inputs.
 
     The part comes from the file's metadata; inputs are drawn for it (a standard normal latent

@@ -3,16 +3,25 @@ split by source image, the Shepp-Logan phantom, LFW faces, and Hong et al.'s 2-D
 
 Every image here ships inside scikit-image or scikit-learn: nothing downloads at run time.
 """
+from __future__ import annotations
+
 import numbers
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 from skimage import color
 from skimage import data as skdata
 from skimage.transform import resize
 from sklearn.datasets import load_digits, load_sample_images
 from sklearn.utils import check_random_state
 
+from ._typing import ImageShape, RandomStateLike
 from ._validation import check_choice, check_int
+
+#: ``(X (n, C * H * W) float64, image_shape (C, H, W))``, what the image loaders return.
+Images = tuple[NDArray[np.float64], ImageShape]
 
 _SKIMAGE_PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon")
 #: Source photographs of each split of :func:`load_photo_patches` (scikit-image names, plus
@@ -30,7 +39,7 @@ SCIENTIFIC_SPLITS = {
 }
 
 
-def load_digit_images():
+def load_digit_images() -> Images:
     """Digits 0-9 as ``(1797, 64)`` floats ``pixels / 16`` in [0, 1], with shape ``(1, 8, 8)``.
 
     Returns ``(X, image_shape)``; labels are ``sklearn.datasets.load_digits().target``.
@@ -55,7 +64,9 @@ def _photos(color_images):
     return out
 
 
-def load_image_patches(size=8, n_patches=2000, color=False, images=None, random_state=None):
+def load_image_patches(size: int = 8, n_patches: int = 2000, color: bool = False,
+                       images: Sequence[ArrayLike] | None = None,
+                       random_state: RandomStateLike = None) -> Images:
     """Random ``size x size`` patches of bundled photographs, values in [0, 1].
 
     ``images``: list of ``(H, W)`` / ``(H, W, 3)`` arrays in [0, 1] to cut from instead
@@ -147,7 +158,9 @@ def _split_patches(names, size, color_image, n_patches, random_state):
     return X, (images[0].shape[0], size, size)
 
 
-def load_photo_patches(size, color=False, split="train", n_patches=None, random_state=None):
+def load_photo_patches(size: int, color: bool = False, split: Literal["train", "test"] = "train",
+                       n_patches: int | None = None,
+                       random_state: RandomStateLike = None) -> Images:
     """Patches of the photographs bundled with scikit-image and scikit-learn, on the 8-bit
     lattice ``k / 255``, ``k`` in 0..255 (grey: ``rgb2gray`` rounded to the lattice).
 
@@ -170,7 +183,9 @@ def load_photo_patches(size, color=False, split="train", n_patches=None, random_
     return _split_patches(PHOTO_SPLITS[split], size, color, n_patches, random_state)
 
 
-def load_scientific_patches(size, split="train", n_patches=None, random_state=None):
+def load_scientific_patches(size: int, split: Literal["train", "test"] = "train",
+                            n_patches: int | None = None,
+                            random_state: RandomStateLike = None) -> Images:
     """Grey patches of scikit-image's bundled medical and scientific images, on the 8-bit
     lattice, split by source image as :func:`load_photo_patches` (``SCIENTIFIC_SPLITS``):
 
@@ -185,7 +200,7 @@ def load_scientific_patches(size, split="train", n_patches=None, random_state=No
     return _split_patches(SCIENTIFIC_SPLITS[split], size, False, n_patches, random_state)
 
 
-def load_phantom(size=64):
+def load_phantom(size: int = 64) -> Images:
     """The Shepp-Logan phantom (a test image for :class:`flowsk.operators.
     LimitedAngleTomography`), resized with anti-aliasing to ``size x size`` and rounded to the
     8-bit lattice: ``(X (1, size * size), (1, size, size))``."""
@@ -194,7 +209,7 @@ def load_phantom(size=64):
     return np.round(np.clip(img, 0, 1) * 255).reshape(1, -1) / 255, (1, size, size)
 
 
-def load_face_images(size=None):
+def load_face_images(size: int | None = None) -> Images:
     """The 100 faces of scikit-image's ``lfw_subset`` (25x25 grey crops of Labeled Faces in the
     Wild), an out-of-distribution set for priors trained on photographs. ``size``: resize to
     ``size x size`` (anti-aliased); None keeps 25x25. Values on the 8-bit lattice.
@@ -212,7 +227,9 @@ def load_face_images(size=None):
 MIXING = np.array([[0.7, 0.3], [0.3, 0.7]])
 
 
-def make_mixing_toy(n_samples=1000, shift=(0.0, 0.0), noise=0.01, random_state=None):
+def make_mixing_toy(n_samples: int = 1000, shift: ArrayLike = (0.0, 0.0), noise: float = 0.01,
+                    random_state: RandomStateLike = None
+                    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """The 2-D toy inverse problem of Hong, Park and Chun (eq. 7).
 
     ``x`` uniform on ``[-1, 1]^2``, ``y = MIXING x + N(0, noise^2 I) + shift`` with

@@ -32,11 +32,17 @@ a truth equal to ``t`` draws takes each of the ``t + 1`` ranks with equal probab
 The functions take arrays, or a solver by duck typing (an object with ``prior``, ``operator``,
 ``sigma`` and ``sample_posterior``, like :class:`flowsk.InverseSolver`).
 """
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
 import torch
+from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 from sklearn.utils import check_random_state
 
+from ._typing import RandomStateLike
 from ._validation import check_int, is_real
 
 LEVELS = (0.5, 0.8, 0.9, 0.95)
@@ -67,7 +73,8 @@ def _random_ranks(below, ties, rng):
     return below + np.floor(rng.uniform(size=below.shape) * (ties + 1)).astype(np.int64)
 
 
-def ranks(X, samples, random_state=None):
+def ranks(X: ArrayLike, samples: ArrayLike,
+          random_state: RandomStateLike = None) -> NDArray[np.int64]:
     """Rank of each true value among its draws, ties randomised: ``X (n, D)``, ``samples
     (n, k, D) -> (n, D)`` ints in ``0 .. k``. Uniform for exact posterior draws."""
     X, S = _check_draws(X, samples)
@@ -76,7 +83,8 @@ def ranks(X, samples, random_state=None):
     return _random_ranks(below, ties, check_random_state(random_state))
 
 
-def rank_coverage(R, n_samples, levels=LEVELS, *, lower=False):
+def rank_coverage(R: ArrayLike, n_samples: int, levels: ArrayLike = LEVELS, *,
+                  lower: bool = False) -> NDArray[np.float64]:
     """Coverage from ranks ``R`` (any shape, ints in ``0 .. n_samples``): ``(n_levels,)``.
 
     The central ``level`` interval of ``[0, 1]`` (with ``lower``, ``[0, level]``) against each
@@ -97,7 +105,8 @@ def rank_coverage(R, n_samples, levels=LEVELS, *, lower=False):
     return inside @ counts
 
 
-def coverage(X, samples, levels=LEVELS, *, joint=False, random_state=None):
+def coverage(X: ArrayLike, samples: ArrayLike, levels: ArrayLike = LEVELS, *,
+             joint: bool = False, random_state: RandomStateLike = None) -> NDArray[np.float64]:
     """Share of true values inside the draws' credible intervals at each level.
 
     Parameters
@@ -125,7 +134,9 @@ def coverage(X, samples, levels=LEVELS, *, joint=False, random_state=None):
     return rank_coverage(R, S.shape[1], levels, lower=True)
 
 
-def sbc_ranks(solver, n_simulations, n_samples=99, *, noise_std=None, random_state=None):
+def sbc_ranks(solver: Any, n_simulations: int, n_samples: int = 99, *,
+              noise_std: float | None = None,
+              random_state: RandomStateLike = None) -> NDArray[np.int64]:
     """Simulation-based calibration with the prior as the truth: ranks ``(n_simulations,
     n_features)``, ints in ``0 .. n_samples``.
 
@@ -177,7 +188,7 @@ def _bins(n_ranks, n_values):
     return np.floor(np.arange(n_ranks) * n_bins / n_ranks).astype(int), n_bins
 
 
-def rank_uniformity(R, n_samples):
+def rank_uniformity(R: ArrayLike, n_samples: int) -> float:
     """p-value of "every feature's ranks are uniform": ``R (n_simulations, D)``.
 
     A chi-squared test per feature (ranks grouped into up to 20 bins, each with its exact
@@ -200,7 +211,8 @@ def rank_uniformity(R, n_samples):
     return float(min(1.0, p.min() * R.shape[1]))
 
 
-def plot_ranks(R, n_samples, *, title=None, axes=None):
+def plot_ranks(R: ArrayLike, n_samples: int, *, title: str | None = None,
+               axes: Any = None) -> Any:
     """Rank histogram and ECDF difference of SBC ranks ``R (n_simulations, D)``; returns the
     figure.
 

@@ -1,12 +1,17 @@
 """InjectiveFlowPrior: a TRUMPET injective flow as a scikit-learn density estimator."""
+from __future__ import annotations
+
 import copy
 import numbers
+from typing import Literal, NoReturn
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike, NDArray
 from sklearn.utils.validation import check_is_fitted
 
 from ._training import train
+from ._typing import Coupling, DataRange, Device, ImageShape, OnNonfinite, RandomStateLike
 from ._validation import check_choice, check_finite_output, check_int, is_real
 from .nn.coupling import TRANSFORMS
 from .nn.injective import ACTIVATIONS, LOGDET_METHODS, build_injective_flow
@@ -84,12 +89,17 @@ class InjectiveFlowPrior(BaseFlowEstimator):
     device_ : torch.device
     """
 
-    def __init__(self, image_shape=None, latent_dim=None, activation="linear",
-                 coupling="affine", n_steps=2, n_latent_steps=4, hidden_features=64,
-                 data_range=None, regularization=1e-6, logdet="auto", n_probes=16,
-                 n_terms=20, max_epochs=40, batch_size=64, learning_rate=3e-3,
-                 weight_decay=0.0, validation_fraction=0.1, n_iter_no_change=10,
-                 on_nonfinite="raise", device="auto", random_state=None, verbose=0):
+    def __init__(self, image_shape: ImageShape | None = None, latent_dim: int | None = None,
+                 activation: Literal["linear", "relu"] = "linear",
+                 coupling: Coupling = "affine", n_steps: int = 2, n_latent_steps: int = 4,
+                 hidden_features: int = 64, data_range: DataRange | None = None,
+                 regularization: float = 1e-6,
+                 logdet: Literal["auto", "exact", "stochastic", "bound"] = "auto",
+                 n_probes: int = 16, n_terms: int = 20, max_epochs: int = 40,
+                 batch_size: int = 64, learning_rate: float = 3e-3, weight_decay: float = 0.0,
+                 validation_fraction: float = 0.1, n_iter_no_change: int = 10,
+                 on_nonfinite: OnNonfinite = "raise", device: Device = "auto",
+                 random_state: RandomStateLike = None, verbose: int = 0) -> None:
         self.image_shape = image_shape
         self.latent_dim = latent_dim
         self.activation = activation
@@ -193,7 +203,7 @@ class InjectiveFlowPrior(BaseFlowEstimator):
             return self.logdet
         return "exact" if self.latent_dim_ <= self.n_probes * self.n_terms else "stochastic"
 
-    def score_samples(self, X):
+    def score_samples(self, X: ArrayLike) -> NDArray[np.float64]:
         """Log-density of the projection of each sample on the ``latent_dim``-dimensional
         manifold, nats: ``(n, n_features) -> (n,)``, eq. (2) of the paper with the ``logdet``
         method. A density on the manifold, not on ``R^n_features``: not comparable with a
@@ -208,7 +218,7 @@ class InjectiveFlowPrior(BaseFlowEstimator):
             x, logdet=method, n_probes=self.n_probes, n_terms=self.n_terms,
             generator=generator), X), self.on_nonfinite, "log-likelihoods")
 
-    def bits_per_dim(self, X, n_bits=None):
+    def bits_per_dim(self, X: ArrayLike, n_bits: int | None = None) -> NoReturn:
         """Not defined: ``score_samples`` is a density on a ``latent_dim``-dimensional
         manifold, and bits per dimension of ``R^n_features`` would compare it with densities
         of a different dimension."""
@@ -216,14 +226,14 @@ class InjectiveFlowPrior(BaseFlowEstimator):
             "bits_per_dim compares densities on R^n_features; an InjectiveFlowPrior's "
             "score_samples is a density on its latent_dim-dimensional manifold")
 
-    def project(self, X):
+    def project(self, X: ArrayLike) -> NDArray[np.floating]:
         """Projection ``G(G^+(x))`` onto the range: ``(n, n_features) -> (n, n_features)``."""
         check_is_fitted(self)
         X = self._validate(X)
         P = self._map(self.flow_.project, X, X.dtype)
         return check_finite_output(P, self.on_nonfinite, "projections")
 
-    def reconstruction_error(self, X):
+    def reconstruction_error(self, X: ArrayLike) -> NDArray[np.float64]:
         """Relative error ``||x - G(G^+(x))|| / ||x||`` per sample: ``(n,)``."""
         check_is_fitted(self)
         X = self._validate(X)

@@ -1,12 +1,18 @@
 """Image-quality, density and robustness metrics."""
+from __future__ import annotations
+
 import math
 import numbers
 import warnings
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 from skimage.metrics import structural_similarity
 from sklearn.utils.validation import check_is_fitted
+
+from ._typing import RandomStateLike
 
 
 def _check_data_range(data_range):
@@ -34,7 +40,7 @@ def _pair(X_true, X_pred):
     return X_true, X_pred
 
 
-def psnr(X_true, X_pred, data_range=1.0):
+def psnr(X_true: ArrayLike, X_pred: ArrayLike, data_range: float = 1.0) -> NDArray[np.float64]:
     """Peak signal-to-noise ratio in dB per row: ``(n, d), (n, d) -> (n,)``.
 
     ``10 log10(data_range^2 / mse)``; a perfect reconstruction gives ``inf``.
@@ -50,7 +56,8 @@ def psnr(X_true, X_pred, data_range=1.0):
         return 10 * np.log10(data_range ** 2 / mse)
 
 
-def ssim(X_true, X_pred, image_shape, data_range=1.0):
+def ssim(X_true: ArrayLike, X_pred: ArrayLike, image_shape: tuple[int, int, int],
+         data_range: float = 1.0) -> NDArray[np.float64]:
     """Structural similarity per row (scikit-image), images ``(C, H, W)`` flattened:
     ``(n, d), (n, d) -> (n,)``. Uses a 7x7 window, or the largest odd one that fits."""
     _check_data_range(data_range)
@@ -74,7 +81,8 @@ def ssim(X_true, X_pred, image_shape, data_range=1.0):
     return out
 
 
-def bits_per_dim(log_likelihood, n_features, n_bits=None, data_range=1.0):
+def bits_per_dim(log_likelihood: ArrayLike, n_features: int, n_bits: int | None = None,
+                 data_range: float = 1.0) -> float | NDArray[np.float64]:
     """Negative log-likelihood in nats per sample -> bits per dimension (same shape).
 
     Without ``n_bits``: ``-log2 p(x) / D`` for the density of the data as given. With
@@ -118,7 +126,8 @@ def _bad_rows(A):
     return ~np.isfinite(A.reshape(len(A), -1)).all(1)
 
 
-def inf_rate(estimator, X=None, *, n_draws=10, temperature=1.0, random_state=None):
+def inf_rate(estimator: Any, X: ArrayLike | None = None, *, n_draws: int = 10,
+             temperature: float = 1.0, random_state: RandomStateLike = None) -> float:
     """%Inf of Hong et al.: the share of inputs whose draws hold a non-finite value, in [0, 1].
 
     Non-finite outputs are counted, not raised, whatever the estimator's ``on_nonfinite``.
@@ -161,7 +170,7 @@ def inf_rate(estimator, X=None, *, n_draws=10, temperature=1.0, random_state=Non
     return float(bad.mean())
 
 
-def ood_score(estimator, X):
+def ood_score(estimator: Any, X: ArrayLike) -> NDArray[np.float64]:
     """Mahalanobis distance of each input's features from their training distribution:
     ``(n, n_features or m) -> (n,)`` (``inf`` where the features are not finite).
 

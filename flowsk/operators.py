@@ -6,16 +6,22 @@ shape ``(C, H, W)`` is flattened in C order to ``n = C*H*W`` features, so
 Matrices and index sets are stored as float64/long buffers (``.to(device)`` moves
 them) and cast to the input's dtype and device on use.
 """
+from __future__ import annotations
+
 import operator
+from collections.abc import Callable
 from math import prod
 
 import numpy as np
 import scipy.sparse
 import torch
 import torch.nn.functional as F
+from numpy.typing import ArrayLike, NDArray
 from scipy.sparse.linalg import LinearOperator
 from sklearn.utils import check_random_state
 from torch import nn
+
+from ._typing import RandomStateLike
 
 __all__ = [
     "Operator",
@@ -30,6 +36,9 @@ __all__ = [
     "MatrixOperator",
     "FunctionOperator",
 ]
+
+#: An int ``n`` or a tuple of positive ints.
+Shape = int | tuple[int, ...]
 
 # Largest per-channel pixel count for which Blur materialises its dense pseudo-inverse.
 _MAX_BLUR_PINV_PIXELS = 4096
@@ -102,20 +111,20 @@ class Operator(nn.Module):
 
     is_linear = True
 
-    def __init__(self, input_shape, output_dim):
+    def __init__(self, input_shape: Shape, output_dim: int) -> None:
         super().__init__()
         self.input_shape = _as_shape(input_shape)
         self.n_features = prod(self.input_shape)
         self.output_dim = int(output_dim)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"input_shape={self.input_shape}, output_dim={self.output_dim}"
 
-    def adjoint(self, y):
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """``A^T y``: ``(B, m) -> (B, n)``."""
         raise NotImplementedError
 
-    def pinv(self, y):
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
         """Minimum-norm least-squares solution ``A^+ y``: ``(B, m) -> (B, n)``."""
         raise NotImplementedError
 
@@ -129,7 +138,8 @@ class Operator(nn.Module):
             tensor = next(iter(self.parameters()), None)
         return torch.device("cpu") if tensor is None else tensor.device
 
-    def measure(self, X, noise_std=0.0, random_state=None):
+    def measure(self, X: ArrayLike, noise_std: float = 0.0,
+                random_state: RandomStateLike = None) -> NDArray[np.floating]:
         """Simulate measurements ``Y = A(X) + noise_std * N(0, I)``.
 
         Parameters
@@ -172,7 +182,7 @@ class Operator(nn.Module):
             )
         return Y
 
-    def check_measurements(self, Y):
+    def check_measurements(self, Y: ArrayLike) -> np.ndarray:
         """Validate measurements ``Y`` of shape ``(n_samples, output_dim)``; return it."""
         return _check_array(
             Y, self.output_dim, "Y",
@@ -184,17 +194,17 @@ class Operator(nn.Module):
 class Denoising(Operator):
     """Identity ``A = I``; ``input_shape`` is an int ``n`` or a shape tuple."""
 
-    def __init__(self, input_shape):
+    def __init__(self, input_shape: Shape) -> None:
         shape = _as_shape(input_shape)
         super().__init__(shape, prod(shape))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def adjoint(self, y):
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         return y
 
-    def pinv(self, y):
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
         return y
 
 
@@ -207,7 +217,7 @@ class Blur(Operator):
     pseudo-inverse on first use; it needs ``H*W <= 4096``.
     """
 
-    def __init__(self, image_shape, kernel=3):
+    def __init__(self, image_shape: tuple[int, ...], kernel: int | ArrayLike = 3) -> None:
         shape = _image_shape(image_shape)
         if np.ndim(kernel) == 0:
             size = operator.index(kernel)
@@ -233,13 +243,13 @@ class Blur(Operator):
         out = F.conv2d(images, weight.to(x)[None, None], padding=padding)
         return out.reshape(x.shape[0], -1)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._correlate(x, self.kernel.flip(0, 1))
 
-    def adjoint(self, y):
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         return self._correlate(y, self.kernel)
 
-    def pinv(self, y):
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
         C, H, W = self.input_shape
         if self.channel_pinv is None:
             if H * W > _MAX_BLUR_PINV_PIXELS:
@@ -262,7 +272,9 @@ class Inpainting(Operator):
     ``adjoint`` = ``pinv`` scatters back with zeros at missing entries.
     """
 
-    def __init__(self, image_shape, box=None, mask=None):
+    def __init__(self, image_shape: tuple[int, ...],
+                 box: tuple[int, int, int, int] | None = None,
+                 mask: ArrayLike | None = None) -> None:
         shape = _image_shape(image_shape)
         C, H, W = shape
         if (box is None) == (mask is None):
@@ -288,21 +300,22 @@ class Inpainting(Operator):
         super().__init__(shape, indices.size)
         self.register_buffer("indices", torch.as_tensor(indices, dtype=torch.long))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.index_select(1, self.indices.to(x.device))
 
-    def adjoint(self, y):
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         zeros = y.new_zeros(y.shape[0], self.n_features)
         return zeros.index_copy(1, self.indices.to(y.device), y)
 
-    def pinv(self, y):
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
         return self.adjoint(y)
 
 
 class RandomMask(Inpainting):
     """Inpainting where each pixel (all channels) is missing with probability ``p``."""
 
-    def __init__(self, image_shape, p, random_state=None):
+    def __init__(self, image_shape: tuple[int, ...], p: float,
+                 random_state: RandomStateLike = None) -> None:
         C, H, W = _image_shape(image_shape)
         if not 0 <= p < 1:
             raise ValueError(f"p is the probability that a pixel is missing and must be in "
@@ -318,19 +331,19 @@ class Colorization(Operator):
     ``A A^T = I/3``, so ``pinv(y) = 3 A^T y`` copies ``y`` into every channel.
     """
 
-    def __init__(self, image_shape):
+    def __init__(self, image_shape: tuple[int, ...]) -> None:
         C, H, W = _image_shape(image_shape)
         if C != 3:
             raise ValueError(f"Colorization needs 3-channel images (3, H, W), got {(C, H, W)}.")
         super().__init__((C, H, W), H * W)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], 3, -1).mean(1)
 
-    def adjoint(self, y):
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         return self.pinv(y) / 3
 
-    def pinv(self, y):
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
         return y.repeat(1, 3)
 
 
@@ -342,7 +355,7 @@ class SuperResolution(Operator):
     ``pinv = f^2 A^T`` is plain nearest upsampling.
     """
 
-    def __init__(self, image_shape, factor):
+    def __init__(self, image_shape: tuple[int, ...], factor: int) -> None:
         C, H, W = _image_shape(image_shape)
         factor = operator.index(factor)
         if factor < 1 or H % factor or W % factor:
@@ -353,13 +366,13 @@ class SuperResolution(Operator):
         super().__init__((C, H, W), C * (H // factor) * (W // factor))
         self.factor = factor
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(self._images(x), self.factor).reshape(x.shape[0], -1)
 
-    def adjoint(self, y):
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         return self.pinv(y) / self.factor**2
 
-    def pinv(self, y):
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
         C, H, W = self.input_shape
         f = self.factor
         low = y.reshape(y.shape[0], C, H // f, W // f)
@@ -375,7 +388,8 @@ class MatrixOperator(Operator):
     ``input_shape`` defaults to ``(n,)``.
     """
 
-    def __init__(self, A, input_shape=None):
+    def __init__(self, A: ArrayLike | scipy.sparse.spmatrix | LinearOperator,
+                 input_shape: Shape | None = None) -> None:
         if isinstance(A, LinearOperator):
             A = A.matmat(np.eye(A.shape[1]))
         elif scipy.sparse.issparse(A):
@@ -390,13 +404,13 @@ class MatrixOperator(Operator):
         self.register_buffer("matrix", torch.as_tensor(A))
         self.register_buffer("matrix_pinv", _pinv(A))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _apply(x, self.matrix)
 
-    def adjoint(self, y):
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         return y @ self.matrix.to(y)
 
-    def pinv(self, y):
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
         return _apply(y, self.matrix_pinv)
 
 
@@ -406,7 +420,8 @@ class CompressedSensing(MatrixOperator):
     ``n_features`` is an int or a shape tuple.
     """
 
-    def __init__(self, n_features, n_measurements, random_state=None):
+    def __init__(self, n_features: Shape, n_measurements: int,
+                 random_state: RandomStateLike = None) -> None:
         shape = _as_shape(n_features)
         m = operator.index(n_measurements)
         if m < 1:
@@ -449,7 +464,7 @@ class LimitedAngleTomography(MatrixOperator):
     from the bottom row to the top row.
     """
 
-    def __init__(self, image_shape, angles=30):
+    def __init__(self, image_shape: tuple[int, ...], angles: int | ArrayLike = 30) -> None:
         C, H, W = _image_shape(image_shape)
         if C != 1:
             raise ValueError(
@@ -478,7 +493,8 @@ class FunctionOperator(Operator):
     vector-Jacobian product at zero) and ``pinv`` need ``linear=True``.
     """
 
-    def __init__(self, fn, input_shape, output_dim=None, linear=False):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], input_shape: Shape,
+                 output_dim: int | None = None, linear: bool = False) -> None:
         shape = _as_shape(input_shape)
         n = prod(shape)
         param = next(iter(fn.parameters()), None) if isinstance(fn, nn.Module) else None
@@ -498,7 +514,7 @@ class FunctionOperator(Operator):
         self.is_linear = bool(linear)
         self.register_buffer("matrix_pinv", _pinv(matrix) if linear else None)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
 
     def _require_linear(self, method):
@@ -508,12 +524,12 @@ class FunctionOperator(Operator):
                 f"with linear=True if fn is linear."
             )
 
-    def adjoint(self, y):
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         self._require_linear("adjoint")
         with torch.enable_grad():
             x = y.new_zeros(y.shape[0], self.n_features, requires_grad=True)
             return torch.autograd.grad(self.fn(x), x, y, create_graph=True)[0]
 
-    def pinv(self, y):
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
         self._require_linear("pinv")
         return _apply(y, self.matrix_pinv)

@@ -11,6 +11,8 @@ operator of an :class:`~flowsk.InverseSolver`.
 saved parameters, checks every stored tensor's name, shape and dtype against the rebuilt one
 and only then copies the values. Whatever is wrong with a file raises :class:`ModelFileError`.
 """
+from __future__ import annotations
+
 import json
 import math
 import numbers
@@ -24,6 +26,7 @@ from sklearn.covariance import EmpiricalCovariance
 from sklearn.utils.validation import check_is_fitted
 
 from . import operators
+from ._typing import PathLike
 from ._version import __version__
 from .injective import InjectiveFlowPrior
 from .methods.variational import amortized_model
@@ -46,7 +49,8 @@ class ModelFileError(ValueError):
 
 
 # -- saving ----------------------------------------------------------------------------------
-def save(estimator, path):
+def save(estimator: FlowPrior | InjectiveFlowPrior | InverseSolver,
+         path: PathLike) -> PathLike:
     """Write a fitted ``FlowPrior``, ``InjectiveFlowPrior`` or ``InverseSolver`` (whose prior
     is fitted) to ``path`` in the flowsk model format; returns ``path``.
 
@@ -158,7 +162,7 @@ def _encode_operator(op, prefix, tensors):
 
 
 # -- loading ---------------------------------------------------------------------------------
-def load(path):
+def load(path: PathLike) -> FlowPrior | InjectiveFlowPrior | InverseSolver:
     """Read an estimator written by :func:`save`; raises :class:`ModelFileError` for a file
     that is not one (a pickle, truncated, tampered with, from a newer flowsk, ...)."""
     path = str(path)

@@ -1,9 +1,13 @@
 """FlowPrior: a normalizing flow as a scikit-learn density estimator and transformer."""
+from __future__ import annotations
+
 import copy
 import numbers
+from typing import TypeVar
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike, NDArray
 from scipy.linalg import pinvh
 from sklearn.base import BaseEstimator, DensityMixin, TransformerMixin
 from sklearn.covariance import EmpiricalCovariance
@@ -11,6 +15,15 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from ._training import as_tensor, resolve_device, train
+from ._typing import (
+    Architecture,
+    Coupling,
+    DataRange,
+    Device,
+    ImageShape,
+    OnNonfinite,
+    RandomStateLike,
+)
 from ._validation import (
     check_choice,
     check_finite_output,
@@ -44,7 +57,8 @@ _AUTO = {
 }
 
 
-def dequantize(batch, width, data_range=None):
+def dequantize(batch: torch.Tensor, width: float,
+               data_range: DataRange | None = None) -> torch.Tensor:
     """``batch (B, D)`` plus uniform noise of ``width`` centred on each value, reflected back
     into ``data_range`` at its bounds (clamping would put a point mass on the bounds, which a
     flow can fit with an unbounded likelihood)."""
@@ -55,6 +69,9 @@ def dequantize(batch, width, data_range=None):
     batch = torch.where(batch < lo, 2 * lo - batch, batch)
     batch = torch.where(batch > hi, 2 * hi - batch, batch)
     return batch.clamp(lo, hi)  # only for width > hi - lo
+
+
+_Estimator = TypeVar("_Estimator", bound="BaseFlowEstimator")
 
 
 class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
@@ -139,7 +156,7 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
         shape = outs[0].shape[1:] if outs else (0,)
         return np.concatenate(outs).astype(out_dtype) if outs else np.empty((0, *shape))
 
-    def fit(self, X, y=None):
+    def fit(self: _Estimator, X: ArrayLike, y: ArrayLike | None = None) -> _Estimator:
         """Fit the flow by maximum likelihood on ``X`` ``(n_samples, n_features)``."""
         self._check_params()
         X = self._validate(X, reset=True)
@@ -182,18 +199,18 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
         return reference
 
     # -- density estimator ------------------------------------------------------------------
-    def score_samples(self, X):
+    def score_samples(self, X: ArrayLike) -> NDArray[np.float64]:
         """Log-density of each sample, nats: ``(n, n_features) -> (n,)``."""
         check_is_fitted(self)
         X = self._validate(X)
         return check_finite_output(self._map(self.flow_.log_prob, X), self.on_nonfinite,
                                    "log-likelihoods")
 
-    def score(self, X, y=None):
+    def score(self, X: ArrayLike, y: ArrayLike | None = None) -> float:
         """Mean log-likelihood of ``X`` in nats per sample."""
         return float(np.mean(self.score_samples(X)))
 
-    def bits_per_dim(self, X, n_bits=None):
+    def bits_per_dim(self, X: ArrayLike, n_bits: int | None = None) -> float:
         """Mean negative log-likelihood of ``X`` in bits per dimension.
 
         ``n_bits`` (needs ``data_range``): the data hold ``2**n_bits`` levels over
@@ -208,7 +225,8 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
         return bits_per_dim(self.score(X), self.n_features_in_, n_bits=n_bits,
                             data_range=width)
 
-    def sample(self, n_samples=1, temperature=1.0, random_state=None):
+    def sample(self, n_samples: int = 1, temperature: float = 1.0,
+               random_state: RandomStateLike = None) -> NDArray[np.float64]:
         """Draw ``(n_samples, n_features)`` samples with latent ``N(0, temperature^2 I)``."""
         check_is_fitted(self)
         if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
@@ -220,20 +238,20 @@ class BaseFlowEstimator(DensityMixin, TransformerMixin, BaseEstimator):
         X = self._map(self.flow_.decode, Z)
         return check_finite_output(X, self.on_nonfinite, "samples")
 
-    def transform(self, X):
+    def transform(self, X: ArrayLike) -> NDArray[np.floating]:
         """Latent codes ``z = f(x)``: ``(n, n_features) -> (n, latent_dim)``."""
         check_is_fitted(self)
         X = self._validate(X)
         Z = self._map(lambda x: self.flow_(x)[0], X, X.dtype)
         return check_finite_output(Z, self.on_nonfinite, "latent codes")
 
-    def inverse_transform(self, Z):
+    def inverse_transform(self, Z: ArrayLike) -> NDArray[np.floating]:
         """Generate ``x = G(z)``: ``(n, latent_dim) -> (n, n_features)``."""
         Z = self._validate_latent(Z)
         X = self._map(self.flow_.decode, Z, Z.dtype)
         return check_finite_output(X, self.on_nonfinite, "generated signals")
 
-    def ood_features(self, X):
+    def ood_features(self, X: ArrayLike) -> tuple[NDArray[np.floating], EmpiricalCovariance]:
         """Latent codes of ``X`` and the fitted ``latent_covariance_`` of the training codes,
         for :func:`flowsk.metrics.ood_score`: ``(n, n_features) -> ((n, latent_dim),
         EmpiricalCovariance)``."""
@@ -329,12 +347,17 @@ class FlowPrior(BaseFlowEstimator):
     device_ : torch.device
     """
 
-    def __init__(self, image_shape=None, architecture=None, coupling="affine", n_bins=None,
-                 bound=None, spline_affine=None, n_levels=2,
-                 n_steps=None, hidden_features=None, data_range=None, dequantize=0.0,
-                 max_epochs=200, batch_size=64, learning_rate=None, weight_decay=None,
-                 validation_fraction=0.1, n_iter_no_change=15, on_nonfinite="raise",
-                 device="auto", random_state=None, verbose=0):
+    def __init__(self, image_shape: ImageShape | None = None,
+                 architecture: Architecture | None = None, coupling: Coupling = "affine",
+                 n_bins: int | None = None, bound: float | None = None,
+                 spline_affine: bool | None = None, n_levels: int = 2,
+                 n_steps: int | None = None, hidden_features: int | None = None,
+                 data_range: DataRange | None = None, dequantize: float = 0.0,
+                 max_epochs: int = 200, batch_size: int = 64,
+                 learning_rate: float | None = None, weight_decay: float | None = None,
+                 validation_fraction: float = 0.1, n_iter_no_change: int = 15,
+                 on_nonfinite: OnNonfinite = "raise", device: Device = "auto",
+                 random_state: RandomStateLike = None, verbose: int = 0) -> None:
         self.image_shape = image_shape
         self.architecture = architecture
         self.coupling = coupling

@@ -1,20 +1,27 @@
 """InverseSolver: reconstruct signals from measurements with a fitted flow prior."""
+from __future__ import annotations
+
 import copy
 import numbers
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike, NDArray
 from sklearn.base import BaseEstimator, clone
+from sklearn.covariance import EmpiricalCovariance
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from ._training import resolve_device
+from ._typing import Device, OnNonfinite, RandomStateLike
 from ._validation import check_choice, check_finite_output, check_float32_range
 from .methods import METHODS
 from .methods.base import Problem
 from .methods.variational import amortized_context
 from .metrics import psnr
 from .operators import Operator
+from .prior import BaseFlowEstimator
 
 _HYPERPARAMETERS = ("gamma", "alpha", "beta", "sigma", "init", "init_std", "n_iter",
                     "learning_rate", "n_restarts", "n_samples")
@@ -26,7 +33,7 @@ _HYPERPARAMETERS = ("gamma", "alpha", "beta", "sigma", "init", "init_std", "n_it
 BLOCK_SIZE = 1024
 
 
-def block_seed(seed, block):
+def block_seed(seed: int, block: int) -> int:
     """The torch seed of row block ``block`` of a call with base seed ``seed``: the first word
     of ``numpy.random.SeedSequence([seed, block])``."""
     return int(np.random.SeedSequence([seed, block]).generate_state(1)[0])
@@ -78,10 +85,14 @@ class InverseSolver(BaseEstimator):
     model_ : what an amortized method trained (None otherwise)
     """
 
-    def __init__(self, prior, operator, method="glowip", *, gamma=None, alpha=None, beta=None,
-                 sigma=None, init=None, init_std=None, n_iter=None, learning_rate=None,
-                 n_restarts=None, n_samples=None, method_params=None, device=None,
-                 random_state=None, on_nonfinite="raise", verbose=0):
+    def __init__(self, prior: BaseFlowEstimator, operator: Operator, method: str = "glowip", *,
+                 gamma: float | None = None, alpha: float | None = None,
+                 beta: float | None = None, sigma: float | None = None, init: str | None = None,
+                 init_std: float | None = None, n_iter: int | None = None,
+                 learning_rate: float | None = None, n_restarts: int | None = None,
+                 n_samples: int | None = None, method_params: dict[str, Any] | None = None,
+                 device: Device | None = None, random_state: RandomStateLike = None,
+                 on_nonfinite: OnNonfinite = "raise", verbose: int = 0) -> None:
         self.prior = prior
         self.operator = operator
         self.method = method
@@ -181,7 +192,7 @@ class InverseSolver(BaseEstimator):
         return np.concatenate(outs)
 
     # -- estimator API ----------------------------------------------------------------------
-    def fit(self, Y, X=None):
+    def fit(self, Y: ArrayLike, X: ArrayLike | None = None) -> InverseSolver:
         """Check the set-up and train what the method needs (amortized methods).
 
         ``Y``: measurements ``(n_obs, m)``; ``X``: matching signals ``(n_obs, n_features)``,
@@ -210,7 +221,8 @@ class InverseSolver(BaseEstimator):
                                                 "call fit before predict")
         return self._problem(method, seed)
 
-    def predict(self, Y, return_std=False):
+    def predict(self, Y: ArrayLike, return_std: bool = False
+                ) -> NDArray[np.float64] | tuple[NDArray[np.float64], NDArray[np.float64]]:
         """Reconstruct ``(n_obs, m) -> (n_obs, n_features)``.
 
         Posterior methods return the mean of ``n_samples`` draws and, with
@@ -236,7 +248,7 @@ class InverseSolver(BaseEstimator):
         X = self._run(method.predict, Y, problem, seed, first_block)
         return check_finite_output(X, self.on_nonfinite, "reconstructions")
 
-    def sample_posterior(self, Y, n_samples=32):
+    def sample_posterior(self, Y: ArrayLike, n_samples: int = 32) -> NDArray[np.float64]:
         """Posterior draws ``(n_obs, m) -> (n_obs, n_samples, n_features)``, seeded per row
         block as ``predict``."""
         return self._sample_posterior(Y, n_samples, self._seed(), 0)
@@ -261,7 +273,7 @@ class InverseSolver(BaseEstimator):
         tags.non_deterministic = False  # with an int random_state
         return tags
 
-    def ood_features(self, Y):
+    def ood_features(self, Y: ArrayLike) -> tuple[NDArray[np.float32], EmpiricalCovariance]:
         """Encoder features ``g(y)`` of a fitted ``amortized-vi`` solver and the fitted
         covariance of those of its training measurements, for
         :func:`flowsk.metrics.ood_score`: ``(n, m) -> ((n, m), EmpiricalCovariance)``."""
@@ -277,7 +289,7 @@ class InverseSolver(BaseEstimator):
                                                                 device=device))
         return features.cpu().numpy(), model.feature_covariance
 
-    def score(self, Y, X):
+    def score(self, Y: ArrayLike, X: ArrayLike) -> float:
         """Mean PSNR (dB) of ``predict(Y)`` against the true signals ``X``.
 
         The peak is fixed by the prior, never by ``X``, so that the scores of different folds

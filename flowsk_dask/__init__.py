@@ -18,22 +18,35 @@ the helpers that take an estimator work with the estimator's own torch code.
 - :func:`onnx_map` and :func:`onnx_sample_posterior`: exported ONNX parts (``exporters``) run
   with onnxruntime over the chunks of a Dask array.
 """
+from __future__ import annotations
+
 import asyncio
+import os
 import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import dask
 import dask.array as da
 import joblib
 import numpy as np
-from distributed import WorkerPlugin, as_completed, get_client
+from distributed import Client, Worker, WorkerPlugin, as_completed, get_client
 from joblib._dask import DaskDistributedBackend
+from numpy.typing import ArrayLike
 from sklearn.base import clone
 from sklearn.utils import check_random_state
 
+if TYPE_CHECKING:  # for type checkers only: importing flowsk imports torch
+    from flowsk import InverseSolver
+
 __all__ = ["DaskBackend", "TorchThreads", "onnx_map", "onnx_sample_posterior", "predict",
            "sample_posterior", "share", "unshare"]
+
+_Estimator = TypeVar("_Estimator")
+#: onnxruntime execution providers: names or ``(name, options)`` pairs.
+_Providers = Sequence[str | tuple[str, dict[str, Any]]]
 
 
 # -- joblib ------------------------------------------------------------------------------------
@@ -48,7 +61,7 @@ class DaskBackend(DaskDistributedBackend):
     error. Importing ``flowsk_dask`` registers this class as joblib's ``"dask"`` backend.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.waiting_futures = as_completed([], loop=self.client.loop)
         self._deliveries = set()
@@ -90,14 +103,14 @@ class TorchThreads(WorkerPlugin):
 
     name = "flowsk-torch-threads"
 
-    def __init__(self, cores_per_worker=None):
+    def __init__(self, cores_per_worker: int | None = None) -> None:
         if cores_per_worker is not None and not (
                 isinstance(cores_per_worker, int) and cores_per_worker >= 1):
             raise ValueError(f"cores_per_worker must be a positive int or None, "
                              f"got {cores_per_worker!r}")
         self.cores_per_worker = cores_per_worker
 
-    async def setup(self, worker):
+    async def setup(self, worker: Worker) -> None:
         try:
             import torch
         except ImportError:
@@ -173,7 +186,7 @@ def _clone_stand_in(self):
     return clone(self._flowsk_original)
 
 
-def share(estimator, client=None):
+def share(estimator: _Estimator, client: Client | None = None) -> _Estimator:
     """A stand-in for ``estimator`` that dask ships to each worker of ``client`` once.
 
     ``estimator`` (a fitted prior) goes to every worker, and to workers that join later, in a
@@ -198,7 +211,7 @@ def share(estimator, client=None):
     return stand_in
 
 
-def unshare(stand_in, client=None):
+def unshare(stand_in: Any, client: Client | None = None) -> None:
     """Free the workers' copies of the estimator behind a :func:`share` stand-in."""
     client = get_client() if client is None else client
     client.unregister_worker_plugin(stand_in._flowsk_key)
@@ -241,7 +254,8 @@ def _node(solver):
     return dask.delayed(solver, pure=False)
 
 
-def predict(solver, Y, return_std=False):
+def predict(solver: InverseSolver, Y: da.Array | ArrayLike, return_std: bool = False
+            ) -> da.Array | tuple[da.Array, da.Array]:
     """``solver.predict`` over a Dask array ``Y (n_obs, m)``: an ``(n_obs, n_features)`` Dask
     array (a pair, mean and std, with ``return_std``), one task per chunk.
 
@@ -262,7 +276,8 @@ def predict(solver, Y, return_std=False):
     return both[:, 0], both[:, 1]
 
 
-def sample_posterior(solver, Y, n_samples=32):
+def sample_posterior(solver: InverseSolver, Y: da.Array | ArrayLike,
+                     n_samples: int = 32) -> da.Array:
     """``solver.sample_posterior`` over a Dask array ``Y (n_obs, m)``: a Dask array
     ``(n_obs, n_samples, n_features)``, equal to the in-memory call as for :func:`predict`."""
     node = _node(solver)
@@ -301,7 +316,8 @@ def _onnx_chunk(x, model, token, providers):
     return session.run(None, {session.get_inputs()[0].name: np.asarray(x, np.float32)})[0]
 
 
-def onnx_map(path, X, providers=None):
+def onnx_map(path: str | os.PathLike, X: da.Array | ArrayLike,
+             providers: _Providers | None = None) -> da.Array:
     """Run the one-input ONNX part at ``path`` (``decoder``, ``encoder``, ``projector`` or
     ``log_prob`` from ``exporters.to_onnx``) on each chunk of the Dask array ``X (n, k)``:
     a float32 Dask array ``(n, out)`` (``(n,)`` for ``log_prob``).
@@ -337,7 +353,9 @@ def _sampler_chunk(y, model, token, providers, seed, n_samples, latent_dim, bloc
     return x.reshape(len(y), n_samples, -1)
 
 
-def onnx_sample_posterior(path, Y, n_samples=32, random_state=None, providers=None):
+def onnx_sample_posterior(path: str | os.PathLike, Y: da.Array | ArrayLike, n_samples: int = 32,
+                          random_state: int | np.random.RandomState | None = None,
+                          providers: _Providers | None = None) -> da.Array:
     """Posterior draws from an exported ``posterior_sampler`` over the chunks of a Dask array
     ``Y (n_obs, m)``: a float32 Dask array ``(n_obs, n_samples, n_features)``.
 
