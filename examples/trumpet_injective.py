@@ -54,11 +54,11 @@ def main():
     X, shape = load_digit_images()
     X_train, X_test = train_test_split(X, test_size=0.25, random_state=0)
     if args.quick:
-        X_train, X_test = X_train[:200], X_test[:8]
+        X_train, X_test = X_train[:600], X_test[:8]
     else:
         X_test = X_test[:100]
     prior = InjectiveFlowPrior(image_shape=shape, latent_dim=32, data_range=(0, 1),
-                               max_epochs=1 if args.quick else 40, random_state=0,
+                               max_epochs=10 if args.quick else 40, random_state=0,
                                verbose=1).fit(X_train)
     err = prior.reconstruction_error(X_test)
     metrics = {"relative_error_mean": float(err.mean())}
@@ -71,7 +71,7 @@ def main():
 
     op = Inpainting(shape, box=(2, 2, 6, 6))
     Y = op.measure(X_test, noise_std=0.01, random_state=0)
-    n_iter = {"n_iter": 3} if args.quick else {}
+    n_iter = {"n_iter": 50} if args.quick else {}
     solvers = {"pinv": dict(method="pinv"),
                "iflow": dict(method="iflow", **n_iter),
                "iflow-l": dict(method="iflow-l", beta=1e-3, **n_iter),
