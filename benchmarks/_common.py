@@ -93,3 +93,30 @@ def edge_flag(value, grid):
     grid = list(grid)
     text = f"{value:g}" if isinstance(value, float) else str(value)
     return text + (" (edge)" if len(grid) > 1 and value in (grid[0], grid[-1]) else "")
+
+
+def normflows_glow(shape, n_levels, n_steps, hidden_features, learned_base=False, logit=True):
+    """normflows' multiscale Glow on ``shape`` (C, H, W), its examples' construction: per level
+    ``n_steps`` GlowBlocks of width ``hidden_features`` and a squeeze. ``learned_base``: its
+    ``GlowBase`` (learned per-level mean and scale) instead of fixed standard normals;
+    ``logit``: the logit (alpha 0.05) flowsk's ``data_range=(0, 1)`` puts at the data end."""
+    import normflows as nf
+
+    C, H, W = shape
+    q0, merges, flows = [], [], []
+    for i in range(n_levels):
+        level = [nf.flows.GlowBlock(C * 2 ** (n_levels + 1 - i), hidden_features,
+                                    split_mode="channel", scale=True) for _ in range(n_steps)]
+        flows.append(level + [nf.flows.Squeeze()])
+        if i > 0:
+            merges.append(nf.flows.Merge())
+            s = 2 ** (n_levels - i)
+            latent = (C * s, H // s, W // s)
+        else:
+            s = 2 ** n_levels
+            latent = (C * 2 * s, H // s, W // s)
+        q0.append(nf.distributions.GlowBase(latent) if learned_base
+                  else nf.distributions.DiagGaussian(latent, trainable=False))
+    transform = nf.transforms.Logit(alpha=0.05) if logit else None
+    return nf.MultiscaleFlow(q0, flows, merges, transform=transform, class_cond=False)
+

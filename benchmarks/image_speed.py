@@ -41,7 +41,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import RESULTS, markdown_table, metadata, provenance, read_results, write_results
+from _common import (
+    RESULTS,
+    markdown_table,
+    metadata,
+    normflows_glow,
+    provenance,
+    read_results,
+    write_results,
+)
 
 from flowsk import FlowPrior
 from flowsk._training import make_optimizer, param_groups, train_step
@@ -81,29 +89,6 @@ def n_params(module):
 
 
 # -- the models --------------------------------------------------------------------------------
-def normflows_glow(shape, n_levels, n_steps, hidden_features):
-    """normflows' Glow (its ``examples/glow.ipynb`` structure) with the logit flowsk's
-    ``data_range`` puts at the data end, and fixed standard-normal bases."""
-    import normflows as nf
-
-    C, H, W = shape
-    q0, merges, flows = [], [], []
-    for i in range(n_levels):
-        level = [nf.flows.GlowBlock(C * 2 ** (n_levels + 1 - i), hidden_features,
-                                    split_mode="channel", scale=True) for _ in range(n_steps)]
-        flows.append(level + [nf.flows.Squeeze()])
-        if i > 0:
-            merges.append(nf.flows.Merge())
-            s = 2 ** (n_levels - i)
-            latent = (C * s, H // s, W // s)
-        else:
-            s = 2 ** n_levels
-            latent = (C * 2 * s, H // s, W // s)
-        q0.append(nf.distributions.DiagGaussian(latent, trainable=False))
-    return nf.MultiscaleFlow(q0, flows, merges, transform=nf.transforms.Logit(alpha=0.05),
-                             class_cond=False)
-
-
 def flowsk_flow(shape, architecture, config, device):
     """The flow a FlowPrior with ``data_range=(0, 1)`` builds, in training mode."""
     return build_flow(int(np.prod(shape)), image_shape=shape, architecture=architecture,

@@ -39,6 +39,7 @@ from _common import (
     edge_flag,
     markdown_table,
     metadata,
+    normflows_glow,
     provenance,
     read_results,
     write_results,
@@ -47,6 +48,7 @@ from _common import (
 from flowsk import FlowPrior, InverseSolver
 from flowsk.datasets import load_photo_patches
 from flowsk.metrics import bits_per_dim, psnr, ssim
+from flowsk.nn.multiscale import Logit
 
 SEED = 0
 LOGIT_ALPHA = 0.05  # FlowPrior's logit squeeze, applied to normflows' Glow as well
@@ -156,33 +158,6 @@ def best_gmm(size, quick=False):
                          "n_fit": len(X_fit)}, fit)
 
 
-def _logit(X):
-    """FlowPrior's logit of ``X`` in [0, 1] and its log-det per row, as float32 tensors."""
-    u = LOGIT_ALPHA + (1 - 2 * LOGIT_ALPHA) * torch.as_tensor(X, dtype=torch.float32)
-    z = torch.log(u) - torch.log1p(-u)
-    return z, (math.log(1 - 2 * LOGIT_ALPHA) - torch.log(u) - torch.log1p(-u)).sum(1)
-
-
-def normflows_glow(shape, n_levels, n_steps, hidden):
-    """normflows' multiscale Glow (its README's construction), unconditional."""
-    import normflows as nf
-    c, h, w = shape
-    flows, merges, q0 = [], [], []
-    for i in range(n_levels):
-        flows.append([nf.flows.GlowBlock(c * 2 ** (n_levels + 1 - i), hidden,
-                                         split_mode="channel", scale=True)
-                      for _ in range(n_steps)] + [nf.flows.Squeeze()])
-        if i > 0:
-            merges.append(nf.flows.Merge())
-            f = 2 ** (n_levels - i)
-            latent = (c * f, h // f, w // f)
-        else:
-            f = 2 ** n_levels
-            latent = (c * 2 * f, h // f, w // f)
-        q0.append(nf.distributions.GlowBase(latent))
-    return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
-
-
 def fit_normflows(size, reference, quick=False):
     """normflows' Glow with ``reference``'s levels, steps and width, trained like it: Adam at its
     learning rate, batch 64, the same epochs and dequantization, best validation epoch kept.
@@ -194,11 +169,13 @@ def fit_normflows(size, reference, quick=False):
     n_val = int(round(0.1 * len(X_fit)))
     fit, val = centres(X_fit[order[n_val:]]), centres(X_fit[order[:n_val]])
     model = normflows_glow(shape, reference.n_levels, reference._setting("n_steps"),
-                           reference._setting("hidden_features"))
+                           reference._setting("hidden_features"), learned_base=True,
+                           logit=False)
+    logit = Logit((0, 1), LOGIT_ALPHA)
     opt = torch.optim.Adam(model.parameters(), lr=reference._setting("learning_rate"))
 
     def log_prob(X):
-        z, logdet = _logit(X)
+        z, logdet = logit(torch.as_tensor(X, dtype=torch.float32))
         return model.log_prob(z.reshape(-1, *shape), None) + logdet
 
     def dequant(X):
