@@ -29,3 +29,17 @@ def test_a_changed_result_changes_the_table():
     text = "intro\n<!-- table fake/main -->\n| stale |\n<!-- /table -->\nend\n"
     rendered = report.render(text, lambda module: {"main": f"| fresh {module} |"})
     assert rendered == "intro\n<!-- table fake/main -->\n| fresh fake |\n<!-- /table -->\nend\n"
+
+
+def test_every_measured_table_is_generated():
+    """No table of numbers in the Images and Benchmarks sections is typed by hand: every
+    markdown table there lies inside a generated block."""
+    report = _report()
+    text = report.README.read_text()
+    outside = report.BLOCK.sub("", text)
+    sections = [part for part in outside.split("\n## ")
+                if part.startswith(("Images", "Benchmarks"))]
+    assert len(sections) == 2
+    hand = [line for part in sections for line in part.splitlines()
+            if line.startswith("| ---") or line.startswith("|---")]
+    assert not hand, f"hand-typed tables in the README: {len(hand)}"
