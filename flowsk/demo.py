@@ -46,7 +46,7 @@ def demo(out="flowsk-out", quick=False):
     t0 = time.time()
     X, shape = load_digit_images()
     X_train, X_test = train_test_split(X, test_size=0.25, random_state=0)
-    X_test = X_test[:8 if quick else 48]
+    X_test = X_test[:8 if quick else 32]
     print(f"[1/3] fitting a FlowPrior on {len(X_train)} digits (the bar shows the negative "
           "log-likelihood per digit of training / validation batches) ...", flush=True)
     prior = FlowPrior(data_range=(0, 1), dequantize=1 / 16, max_epochs=3 if quick else 60,
@@ -65,7 +65,7 @@ def demo(out="flowsk-out", quick=False):
     print(f"[2/3] reconstructing {len(X_test)} held-out digits with "
           f"{', '.join(DEMO_METHODS)} ...", flush=True)
     # vi starts from a Laplace approximation, so a few Adam steps refine it
-    n_iter = {"glowip": 20, "likelihood": 20, "vi": 20} if quick else {"vi": 150}
+    n_iter = {"glowip": 20, "likelihood": 20, "vi": 20} if quick else {"vi": 100}
     rows, figures = [], []
     for task, (op, noise) in demo_tasks(shape).items():
         Y = op.measure(X_test, noise_std=noise, random_state=0)
