@@ -348,6 +348,17 @@ def _p(value):
     return f"{value:.2g}" if value >= 0.01 else f"**{value:.0e}**"
 
 
+def _provenances(part, tasks):
+    """One provenance line per run that measured some of ``tasks`` (each task keeps its run's
+    meta), naming the tasks when there is more than one run."""
+    runs = {}
+    for task in tasks:
+        runs.setdefault(provenance(part[task]["meta"]), []).append(task)
+    if len(runs) == 1:
+        return next(iter(runs))
+    return " ".join(f"{', '.join(ts)}: {line}" for line, ts in runs.items())
+
+
 def tables(name="calibration"):
     results = read_results(name)
     missing = "Not measured yet (`python benchmarks/calibration.py --part {}`).\n"
@@ -371,7 +382,7 @@ def tables(name="calibration"):
                                       "CPU s / obs."], rows)
                       + f"\n\n`mala` / `langevin` CPU time at equal draws: {ratio:.2f}x; "
                       f"{meta['n_sim']} simulations of {meta['n_draws']} draws per task. "
-                      + provenance(meta) + "\n")
+                      + _provenances(sbc, tasks) + "\n")
         levels = [[f"`{m}`", *[_f(np.mean([sbc[t][m]["coverage"][str(level)] for t in tasks]),
                                   3) for level in LEVELS]] for m in names]
         out["sbc_levels"] = markdown_table(["method", *[f"{level:g}" for level in LEVELS]],
@@ -397,9 +408,8 @@ def tables(name="calibration"):
                          _f(np.mean([digits[t][m]["cpu_seconds_per_obs"] for t in tasks]), 3)])
             psnr_rows.append([label, *[f"{digits[t][m]['psnr_mean']:.2f} / "
                                        f"{digits[t][m]['joint90']:.2f}" for t in tasks]])
-        meta = digits[tasks[0]]["meta"]
         out["digits"] = (markdown_table(["method", *tasks, "CPU s / obs."], rows) + "\n\n"
-                         + provenance(meta) + "\n")
+                         + _provenances(digits, tasks) + "\n")
         out["digits_psnr"] = markdown_table(["method", *tasks], psnr_rows) + "\n"
     return out
 
