@@ -214,7 +214,7 @@ def _parser():
                         f"0}}'; names: {', '.join(_operators())}")
     p.add_argument("--method", default="glowip", help="e.g. pinv, glowip, likelihood, vi")
     p.add_argument("--params", default="{}",
-                   help='hyperparameters as JSON, e.g. \'{"alpha": 0.05, "n_iter": 100}\'')
+                   help='hyperparameters as JSON, e.g. \'{"alpha": 0.001, "n_iter": 100}\'')
     p.add_argument("--std", help="also write the posterior std here (posterior methods)")
     p.add_argument("--random-state", type=int, default=0)
     p.set_defaults(func=solve)

@@ -10,10 +10,17 @@ from sklearn.model_selection import GridSearchCV
 
 from flowsk import FlowPrior, InverseSolver
 from flowsk.methods import METHODS
+from flowsk.metrics import psnr
 from flowsk.nn.base import Chain, Flow
 from flowsk.nn.linear import ActNorm, InvertibleLinear
 from flowsk.nn.multiscale import Logit
-from flowsk.operators import CompressedSensing, Denoising, FunctionOperator, Inpainting
+from flowsk.operators import (
+    CompressedSensing,
+    Denoising,
+    FunctionOperator,
+    Inpainting,
+    SuperResolution,
+)
 
 N = 6
 
@@ -371,3 +378,16 @@ def test_cuda_matches_cpu(setup):
     gpu = InverseSolver(prior, op, method="glowip", gamma=0.3, n_iter=200,
                         device="cuda").predict(Y)
     np.testing.assert_allclose(gpu, cpu, atol=1e-3)
+
+
+def test_likelihood_default_alpha_does_not_saturate_a_weak_operator(digits_setup):
+    """With a logit at the data end, log p(G(z)) rises towards the bounds; 2x super-resolution
+    pulls each pixel only a quarter as hard as denoising does, so too large an alpha drives the
+    pixels into the bounds. The default must improve on the measurement's own upsampling."""
+    prior, _, _, X = digits_setup
+    op = SuperResolution((1, 8, 8), 2)
+    Y = op.measure(X, noise_std=0.01, random_state=0)
+    baseline = psnr(X, InverseSolver(prior, op, method="pinv").predict(Y)).mean()
+    default = psnr(X, InverseSolver(prior, op, method="likelihood", random_state=0
+                                    ).predict(Y)).mean()
+    assert default > baseline + 1

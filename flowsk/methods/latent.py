@@ -106,7 +106,9 @@ class MAP(LatentOptimization):
 
 class Likelihood(LatentOptimization):
     needs_log_prob = True
-    defaults = {**LatentOptimization.defaults, "alpha": 0.05, "init": "normal", "init_std": 0.1}
+    # a small alpha: with a logit at the data end, -log p(G(z)) falls towards the bounds, and
+    # a large alpha saturates pixels wherever the operator's L1 gradient is weak (sr2, deblur)
+    defaults = {**LatentOptimization.defaults, "alpha": 0.001, "init": "normal", "init_std": 0.1}
 
     def objective(self, problem, x, log_px, z, y):
         return (problem.operator(x) - y).abs().sum(1) - problem.params["alpha"] * log_px
