@@ -9,6 +9,8 @@ picks another. Prints PSNR /
 SSIM / seconds and writes results/inverse.json.
 
     python benchmarks/inverse.py [--quick] [--prior glow-spline|glow|mlp] [--n-test N]
+        [--n-val N] [--tasks TASK ...] [--part NAME]
+    python benchmarks/inverse.py --merge NAME ...
 """
 import argparse
 import time
@@ -102,15 +104,27 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--prior", choices=list(PRIORS), default=PRIOR)
     parser.add_argument("--n-test", type=int, default=None, help="test digits (default all)")
+    parser.add_argument("--n-val", type=int, default=None,
+                        help="validation digits of the grid searches (default all 100)")
+    parser.add_argument("--tasks", nargs="+", choices=list(TASK_LABELS),
+                        default=list(TASK_LABELS))
+    parser.add_argument("--part", help="write results/PART.json, for --merge")
+    parser.add_argument("--merge", nargs="+", metavar="PART",
+                        help="join the tasks of --part files into results/inverse.json")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge)
     meta = metadata(seed=0, prior=args.prior)
     X_fit, X_val, X_test, shape = digits_split()
     X_test = X_test[:50 if args.quick else args.n_test]
+    X_val = X_val[:args.n_val]
     cache, params = PRIORS[args.prior]
     prior, prior_seconds = digits_prior(X_fit, args.quick, name=cache, **params)
     gmm = digits_gmm(X_fit)
     results = {}
     for task, (op, noise) in demo_tasks(shape).items():
+        if task not in args.tasks:
+            continue
         Y_val = op.measure(X_val, noise_std=noise, random_state=1)
         Y = op.measure(X_test, noise_std=noise, random_state=0)
         recon, seconds, chosen = {}, {}, {}
@@ -134,13 +148,26 @@ def main():
                                 "seconds": seconds[name], "params": chosen.get(name)}
                          for name, R in recon.items()}
         print(task, {k: round(v["psnr"], 2) for k, v in results[task].items()}, flush=True)
-    payload = {"quick": args.quick, "n_test": len(X_test), "prior": args.prior,
+    payload = {"quick": args.quick, "n_test": len(X_test), "n_val": len(X_val),
+               "prior": args.prior,
                "prior_params": {k: list(v) if isinstance(v, tuple) else v
                                 for k, v in params.items()},
                "prior_fit_seconds": prior_seconds, "prior_epochs": len(prior.history_["val_loss"]),
                "prior_test_loglik": prior.score(X_test), "grids": GRIDS, "results": results}
     print(tables_from(payload | {"meta": meta})["results"])
-    print(f"wrote {write_results('inverse', payload, meta)}")
+    print(f"wrote {write_results(args.part or 'inverse', payload, meta)}")
+
+
+def merge(parts):
+    """Join the tasks of ``--part`` files (tasks run side by side, one per core) into
+    results/inverse.json, in the tasks' order; each part's meta is kept under ``parts``."""
+    results = [read_results(part) for part in parts]
+    merged = {**results[0], "parts": [res["meta"] for res in results]}
+    tasks = {task: row for res in results for task, row in res["results"].items()}
+    merged["results"] = {task: tasks[task] for task in TASK_LABELS if task in tasks}
+    meta = {**merged.pop("meta"), "command": " + ".join(r["meta"]["command"] for r in results),
+            "load_average_start": max(r["meta"]["load_average_start"] for r in results)}
+    print(f"wrote {write_results('inverse', merged, meta)}")
 
 
 def tables_from(res):
