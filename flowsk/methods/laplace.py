@@ -1,10 +1,13 @@
 """The Laplace approximation of the smoothed latent posterior, shared by ``vi`` (its start) and
 the MCMC methods (their starts and preconditioner).
 
-For ``log p(z | y) = -||z||^2 / 2 - ||A(G(z)) - y||^2 / (2 sigma^2) + const``: a few
-Gauss-Newton steps towards the MAP point (each kept only where it lowers the objective), then
-the Gauss-Newton Hessian ``H = I + J^T J / sigma^2`` of ``J = d A(G(z)) / dz`` there. For a
-linear operator and an affine prior, ``N(z_map, H^-1)`` is the exact posterior.
+For ``log p(z | y) = -||z||^2 / 2 - ||A(G(z)) - y||^2 / (2 sigma^2) + const``:
+Levenberg-Marquardt steps towards the MAP point from ``z = 0`` (Gauss-Newton steps damped per
+observation: a step that does not lower the objective is rejected and the damping raised
+tenfold, an accepted one lowers it tenfold; without damping a rejected step would be proposed
+again unchanged and the search would stall far from the mode), then the Gauss-Newton Hessian
+``H = I + J^T J / sigma^2`` of ``J = d A(G(z)) / dz`` there. For a linear operator and an affine
+prior, ``N(z_map, H^-1)`` is the exact posterior.
 """
 import torch
 
@@ -27,26 +30,31 @@ def residual_jacobian(problem, z, Y):
     return r.detach(), torch.stack(rows, 1)
 
 
-def laplace(problem, Y, steps):
-    """``(z_map (n, d), H (n, d, d))`` for observations ``Y (n, m)``, after ``steps``
-    Gauss-Newton steps from ``z = 0``."""
+def laplace(problem, Y, steps, tol=1e-3):
+    """``(z_map (n, d), H (n, d, d))`` for observations ``Y (n, m)``, after at most ``steps``
+    damped Gauss-Newton steps from ``z = 0``; the steps stop early once no observation's
+    objective falls by more than ``tol`` nats in a step while its damping is still usable."""
     inv_var = 1.0 / problem.params["sigma"] ** 2
     z = torch.zeros(len(Y), problem.flow.latent_dim, device=Y.device)
     with torch.no_grad():
         best = map_objective(problem, z, Y)
     eye = torch.eye(z.shape[1], device=z.device)
+    damping, done = torch.zeros(len(Y), device=Y.device), False
     for step in range(steps + 1):
         r, J = residual_jacobian(problem, z, Y)
         H = eye + inv_var * J.transpose(1, 2) @ J
-        if step == steps:
+        if step == steps or done:
             return z, H
         g = z + inv_var * (J.transpose(1, 2) @ r[..., None])[..., 0]
-        trial_z = z - torch.linalg.solve(H, g[..., None])[..., 0]
+        trial_z = z - torch.linalg.solve(H + damping[:, None, None] * eye, g[..., None])[..., 0]
         with torch.no_grad():
             trial = map_objective(problem, trial_z, Y)
         better = torch.isfinite(trial) & (trial < best)
+        active = torch.where(better, best - trial > tol, damping < 1e6)
         z = torch.where(better[:, None], trial_z, z)
         best = torch.where(better, trial, best)
+        damping = torch.where(better, damping / 10, (10 * damping).clamp(min=1.0))
+        done = not active.any()
 
 
 def covariance_factor(H):

@@ -10,8 +10,8 @@ batch. Chains run ``burn_in`` steps, then keep every ``thin``-th state; ``sample
 of the kept states.
 
 Preconditioning. With ``preconditioner="laplace"`` (the default) each observation's posterior
-is first approximated by ``N(z_map, H^-1)`` (:mod:`.laplace`; ``laplace_steps`` Gauss-Newton
-steps), and the chains run in whitened coordinates ``w``, ``z = z_map + L w`` with
+is first approximated by ``N(z_map, H^-1)`` (:mod:`.laplace`; at most ``laplace_steps``
+damped Gauss-Newton steps), and the chains run in whitened coordinates ``w``, ``z = z_map + L w`` with
 ``L L^T = H^-1``: a constant change of variables, so every sampler stays exact, while the
 directions that the measurements pin down and those they leave free mix at one rate (without
 it the step must be small against the stiffest direction, ``~sigma^2``, and the free directions
@@ -133,7 +133,7 @@ class _DualAveraging:
 class LatentMCMC(Method):
     posterior = True
     defaults = {"sigma": 0.1, "n_samples": 32, "step_size": None, "burn_in": 200, "thin": 5,
-                "n_chains": 16, "preconditioner": "laplace", "laplace_steps": 3,
+                "n_chains": 16, "preconditioner": "laplace", "laplace_steps": 20,
                 "target_accept": None}
 
     def initial_step(self, d, curvature):

@@ -153,7 +153,7 @@ class VI(Method):
     posterior = True
     defaults = {"sigma": 0.1, "beta": 1.0, "n_iter": 1000, "learning_rate": 3e-3,
                 "n_samples": 32, "mc_samples": 8, "covariance": "full", "n_layers": 2,
-                "hidden_features": 32, "init": "laplace", "laplace_steps": 3,
+                "hidden_features": 32, "init": "laplace", "laplace_steps": 20,
                 "path_gradient": True, "importance_samples": 0}
 
     def _dim(self, problem):
