@@ -243,10 +243,12 @@ def run_benchmark(args):
 
 
 def merge(parts):
-    """Join the runs of ``--part`` files (seeds run side by side, one per core) into
-    results/density.json; each part's own meta block is kept under ``parts``."""
+    """Join the runs of ``--part`` files (seeds run side by side, one per core, or a seed
+    added to an earlier merge: ``--merge density PART``) into results/density.json; the meta
+    block of each run is kept under ``parts``."""
     results = [read_results(part) for part in parts]
-    merged = {**results[0], "parts": [res["meta"] for res in results]}
+    merged = {**results[0],
+              "parts": [m for res in results for m in res.get("parts", [res["meta"]])]}
     for res in results[1:]:
         for name, row in res["rows"].items():
             merged["rows"][name]["runs"] += row["runs"]
