@@ -4,8 +4,8 @@ of a fitted 4-D flow, and coverage on real test digits next to the exact GMM-10 
 Every method runs with its defaults and ``sigma`` = the noise of the task (the Bayesian model a
 user would write down). ``vi+is`` is ``vi`` with ``importance_samples=1000`` (sampling
 importance resampling with Pareto-smoothed weights), computed from the same fitted ``q`` as
-``vi``. Times are CPU seconds per observation (one thread), fits included. For time, ``hmc``
-and ``ambient-vi`` run in the ``gaussian`` part only and ``pl-mcmc`` in ``sbc`` and
+``vi``. Times are CPU seconds per observation (one thread), fits included. For time,
+``ambient-vi`` runs in the ``gaussian`` part only, ``hmc`` and ``pl-mcmc`` in ``sbc`` and
 ``gaussian``.
 
 - ``sbc``: the digits prior (``benchmarks/posterior.py``'s, cached) as the truth: ``x = G(z)``,
@@ -65,8 +65,8 @@ SBC_TASKS = ("denoise", "inpaint", "cs16")
 TASKS = ("denoise", "inpaint", "cs16", "deblur", "sr2")
 METHOD_NAMES = ("mala", "hmc", "langevin", "pl-mcmc", "vi", "vi+is", "amortized-vi",
                 "ambient-vi")
-SBC_METHODS = ("mala", "langevin", "pl-mcmc", "vi", "vi+is", "amortized-vi")
-#: for time, ``hmc`` and ``ambient-vi`` run in the Gaussian part only, ``pl-mcmc`` also in SBC
+SBC_METHODS = ("mala", "hmc", "langevin", "pl-mcmc", "vi", "vi+is", "amortized-vi")
+#: for time, ``ambient-vi`` runs in the Gaussian part only, ``hmc`` and ``pl-mcmc`` also in SBC
 DIGIT_METHODS = ("mala", "langevin", "vi", "vi+is", "amortized-vi")
 N_SIM, N_DRAWS, N_DIGITS, N_IS, IMPORTANCE = 200, 99, 40, 4_000_000, 1000
 QUICK = {"n_sim": 20, "n_draws": 19, "n_digits": 10, "n_is": 200_000,
@@ -190,7 +190,7 @@ def rank_figure(ranks_of, n_draws, task, quick):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = [n for n in ("mala", "langevin", "vi", "vi+is") if n in ranks_of]
+    names = [n for n in ("mala", "hmc", "langevin", "vi", "vi+is") if n in ranks_of]
     fig, axes = plt.subplots(len(names), 2, figsize=(8, 2.3 * len(names)), squeeze=False)
     for name, ax in zip(names, axes):
         plot_ranks(ranks_of[name], n_draws, title=f"{task}: {name}", axes=ax)
