@@ -10,9 +10,6 @@ speed) on digits, the demo's ``cs16`` task (16 compressed-sensing measurements, 
   processes (one thread each, ``TorchThreads``), ``Y`` in chunks of ``BLOCK_SIZE`` rows (two
   chunks); CPU seconds add the workers' to this process's (which holds the scheduler); the
   results are checked to equal the in-memory ones;
-- the machine's own ceiling, without Dask: the same chunks predicted by two spawned plain
-  processes (one torch thread each), one chunk after the other, then one chunk in each at once;
-  the ratio is the most that two workers can gain over one on this machine;
 - the overhead per chunk: ``pinv`` (a matrix product) over 32 chunks on 1 worker, less its
   in-memory time, per chunk.
 
@@ -67,33 +64,6 @@ def _timed(fn, *args, client=None):
     return out, wall, time.process_time() - cpu + workers_cpu() - wcpu
 
 
-def _predict(solver, Y):
-    """``solver.predict(Y)`` with one torch thread (a task of the plain processes)."""
-    import torch
-
-    torch.set_num_threads(1)
-    return solver.predict(Y)
-
-
-def _warm(seconds):
-    """Import torch and flowsk, then hold the process for ``seconds`` so that each process of
-    the pool takes one warm-up task."""
-    import flowsk  # noqa: F401
-
-    time.sleep(seconds)
-
-
-def _plain_processes(pool, solver, chunks):
-    """Wall seconds of ``chunks`` predicted one after another, and all at once, on ``pool``."""
-    start = time.perf_counter()
-    for chunk in chunks:
-        pool.submit(_predict, solver, chunk).result()
-    one = time.perf_counter() - start
-    start = time.perf_counter()
-    list(pool.map(_predict, [solver] * len(chunks), chunks))
-    return one, time.perf_counter() - start
-
-
 def _on_cluster(client, solver, Y):
     """``flowsk_dask.predict(solver, Y)`` computed on ``client``'s cluster."""
     import flowsk_dask
@@ -102,9 +72,6 @@ def _on_cluster(client, solver, Y):
 
 
 def run(quick=False, repeats=1):
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     import dask.array as da
     import torch
     from distributed import Client, LocalCluster
@@ -129,9 +96,6 @@ def run(quick=False, repeats=1):
             warm = InverseSolver(prior, op, method=m, n_iter=1, random_state=SEED)
             _on_cluster(client, warm, da.from_array(Y[:8]))
     Yd = da.from_array(Y, chunks=(BLOCK_SIZE, Y.shape[1]))
-    chunks = [Y[start:start + BLOCK_SIZE] for start in range(0, len(Y), BLOCK_SIZE)]
-    pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
-    list(pool.map(_warm, [2.0, 2.0]))
 
     runs = {m: {} for m in solvers}
     for _ in range(repeats):
@@ -142,9 +106,6 @@ def run(quick=False, repeats=1):
                 out, wall, cpu = _timed(_on_cluster, client, solver, Yd, client=client)
                 np.testing.assert_array_equal(out, ref)
                 timings[f"{k} worker{'s' * (k > 1)}"] = (wall, cpu, os.getloadavg()[0])
-            one, two = _plain_processes(pool, solver, chunks)
-            timings["1 plain process"] = (one, None, os.getloadavg()[0])
-            timings["2 plain processes"] = (two, None, os.getloadavg()[0])
             for where, (wall, cpu, load) in timings.items():
                 best = runs[m].get(where)
                 if best is None or wall < best["wall_s"]:
@@ -160,7 +121,6 @@ def run(quick=False, repeats=1):
         _, remote, _ = _timed(_on_cluster, clients[1], pinv, Y_many_d, client=clients[1])
         per_chunk = (remote - local) / OVERHEAD_CHUNKS
         overhead = per_chunk if overhead is None else min(overhead, per_chunk)
-    pool.shutdown()
     for client in clients.values():
         client.close()
     for cluster in clusters.values():
@@ -177,15 +137,13 @@ def tables():
     for method, runs in res["runs"].items():
         n_iter = res["n_iter"][method]
         one, two = runs["1 worker"]["wall_s"], runs["2 workers"]["wall_s"]
-        plain = runs["1 plain process"]["wall_s"] / runs["2 plain processes"]["wall_s"]
         rows.append([f"`{method}` ({n_iter} iterations)",
                      *(f"{runs[w]['wall_s']:.1f} ({runs[w]['cpu_s']:.1f})"
                        for w in ("in-memory", "1 worker", "2 workers")),
-                     f"{one / two:.2f}x", f"{plain:.2f}x",
+                     f"{one / two:.2f}x",
                      f"{res['meta']['n_obs'] / two:.0f}"])
     header = ["method", "in memory: wall s (CPU s)", "1 worker", "2 workers",
-              "speed-up 1 → 2 workers", "2 plain processes (no Dask)",
-              "observations / s, 2 workers"]
+              "speed-up 1 → 2 workers", "observations / s, 2 workers"]
     chunks = "+".join(str(c) for c in res["chunks"])
     note = (f"{res['meta']['n_obs']} observations in chunks of {chunks} rows; overhead per "
             f"chunk ({res['overhead_chunks']} `pinv` chunks on 1 worker): "
