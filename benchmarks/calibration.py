@@ -375,12 +375,16 @@ def tables(name="calibration"):
                      for t in tasks]
             cpu = np.mean([sbc[t][m]["cpu_seconds_per_obs"] for t in tasks])
             rows.append([f"`{m}`", *cells, _f(cpu, 3)])
-        ratio = np.mean([sbc[t]["mala"]["sample_cpu_seconds"]
-                         / sbc[t]["langevin"]["sample_cpu_seconds"] for t in tasks])
+        def ratio(a, b):
+            return np.mean([sbc[t][a]["sample_cpu_seconds"] / sbc[t][b]["sample_cpu_seconds"]
+                            for t in tasks if a in sbc[t] and b in sbc[t]])
+
         meta = sbc[tasks[0]]["meta"]
         out["sbc"] = (markdown_table(["method", *[f"{t}: 90 % cov. / p" for t in tasks],
                                       "CPU s / obs."], rows)
-                      + f"\n\n`mala` / `langevin` CPU time at equal draws: {ratio:.2f}x; "
+                      + f"\n\nCPU time at equal draws: `mala` / `langevin` "
+                      f"{ratio('mala', 'langevin'):.2f}x, `hmc` / `mala` "
+                      f"{ratio('hmc', 'mala'):.1f}x; "
                       f"{meta['n_sim']} simulations of {meta['n_draws']} draws per task. "
                       + _provenances(sbc, tasks) + "\n")
         levels = [[f"`{m}`", *[_f(np.mean([sbc[t][m]["coverage"][str(level)] for t in tasks]),
