@@ -10,6 +10,7 @@ packages (zuko, normflows, bm3d, dask) are imported inside functions, so ``table
 with the test extra alone.
 """
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -34,6 +35,17 @@ def _git_commit():
         return out.stdout.strip() + ("+changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def training_code(*extra):
+    """A digest of the sources a fitted model depends on (``flowsk/nn``, ``flowsk/prior.py``,
+    ``flowsk/_training.py`` and ``extra`` paths under ``flowsk/``): cached models store it and
+    are refitted when it changes, since a change of an initialisation leaves the estimator's
+    parameters equal."""
+    package = Path(flowsk.__file__).parent
+    files = sorted(package.glob("nn/*.py")) + [package / name
+                                               for name in ("prior.py", "_training.py", *extra)]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
 
 
 def metadata(seed, device="cpu", **extra):

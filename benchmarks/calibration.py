@@ -43,7 +43,15 @@ import warnings
 import joblib
 import numpy as np
 import torch
-from _common import RESULTS, markdown_table, metadata, provenance, read_results, write_results
+from _common import (
+    RESULTS,
+    markdown_table,
+    metadata,
+    provenance,
+    read_results,
+    training_code,
+    write_results,
+)
 from inverse import dense, digits_gmm, digits_prior, digits_split
 
 from flowsk import FlowPrior, InverseSolver
@@ -121,8 +129,9 @@ class _VIView:
 def make_solvers(prior, op, sigma, names, quick, cache=None):
     """name -> object with the solver protocol, each with its defaults at ``sigma``; a
     ``seconds`` attribute, where present, holds its last call's CPU seconds. ``amortized-vi``
-    is fitted here (on simulated pairs), or loaded from ``results/CACHE.joblib``; its fit CPU
-    seconds are returned apart: ``(solvers, fit_seconds)``."""
+    is fitted here (on simulated pairs), or loaded from ``results/CACHE.joblib`` (kept while
+    the prior's settings and the training code, ``vi``'s included, are unchanged); its fit
+    CPU seconds are returned apart: ``(solvers, fit_seconds)``."""
     out, fit_seconds = {}, {}
     for name in names:
         if name == "vi+is":
@@ -137,15 +146,17 @@ def make_solvers(prior, op, sigma, names, quick, cache=None):
             continue
         if name == "amortized-vi":
             path = cache and RESULTS / f"{cache}{'-quick' if quick else ''}.joblib"
-            if path and path.exists():
-                solver.model_, fit_seconds[name] = joblib.load(path)
+            key = {**PRIOR, "training_code": training_code("methods/variational.py")}
+            cached = joblib.load(path) if path and path.exists() else ()
+            if len(cached) == 3 and cached[2] == key:
+                solver.model_, fit_seconds[name] = cached[:2]
                 solver.n_features_in_ = op.output_dim
             else:
                 start = time.process_time()
                 solver.fit(np.zeros((1, op.output_dim)))  # it simulates its training pairs
                 fit_seconds[name] = time.process_time() - start
                 if path:
-                    joblib.dump((solver.model_, fit_seconds[name]), path)
+                    joblib.dump((solver.model_, fit_seconds[name], key), path)
         out[name] = solver
     return out, fit_seconds
 

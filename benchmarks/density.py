@@ -32,6 +32,7 @@ from sklearn.mixture import GaussianMixture
 from sklearn.model_selection import train_test_split
 
 import flowsk._training
+import flowsk.nn.builders
 from flowsk import FlowPrior
 from flowsk._training import train
 from flowsk.nn.multiscale import Logit
@@ -67,10 +68,24 @@ def adam_l2():
         yield
 
 
-def fit_flowprior(train_rows, eval_rows, seed, max_epochs, optimizer="adamw", **params):
+@contextlib.contextmanager
+def rotation_start():
+    """Glow's start, which flowsk's ``mlp``, ``glow`` and ``maf`` had before: every invertible
+    linear layer at a random rotation instead of the permutations of ``step_orders``."""
+    with mock.patch.object(flowsk.nn.builders, "step_orders",
+                           lambda features, n_steps, generator=None: [None] * n_steps):
+        yield
+
+
+def fit_flowprior(train_rows, eval_rows, seed, max_epochs, optimizer="adamw",
+                  start="permutation", **params):
     prior = FlowPrior(data_range=(0, 1), dequantize=WIDTH, max_epochs=max_epochs,
                       n_iter_no_change=PATIENCE, random_state=seed, device="cpu", **params)
-    with adam_l2() if optimizer == "adam-l2" else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if optimizer == "adam-l2":
+            stack.enter_context(adam_l2())
+        if start == "rotation":
+            stack.enter_context(rotation_start())
         prior.fit(train_rows)
     return prior.score(eval_rows), len(prior.history_["val_loss"]), _n_params(prior.flow_)
 
@@ -160,8 +175,8 @@ def _peer(make, **params):
 MODELS = {
     "default": ("`FlowPrior(data_range=(0, 1), dequantize=1/17)` defaults (`mlp`, affine)",
                 _flowprior()),
-    "adam-l2": ("same, Adam with L2 decay on every parameter (the previous optimizer)",
-                _flowprior(optimizer="adam-l2")),
+    "adam-l2": ("same, Adam with L2 decay 1e-3 on every parameter (the previous optimizer)",
+                _flowprior(optimizer="adam-l2", weight_decay=1e-3)),
     "mlp-spline": ("`coupling=\"spline\"`", _flowprior(coupling="spline")),
     "glow": ("`image_shape=(1, 8, 8)` (`glow`, affine)", _flowprior(image_shape=SHAPE)),
     "glow-spline": ("`image_shape=(1, 8, 8), coupling=\"spline\"`",
@@ -188,7 +203,7 @@ def _select(name, **params):
     SELECTION[name] = params
 
 
-_select("mlp-affine", coupling="affine")
+_select("mlp-affine-wd1e-3", coupling="affine", weight_decay=1e-3)
 _select("mlp-affine-wd1", coupling="affine", weight_decay=1.0)
 _select("mlp-spline-64x8-b5-wd1", coupling="spline", hidden_features=64, n_steps=8, bound=5.0,
         spline_affine=False, weight_decay=1.0)
@@ -196,6 +211,9 @@ _select("mlp-spline-128x4-b5-wd1", coupling="spline", hidden_features=128, n_ste
         bound=5.0, spline_affine=False, weight_decay=1.0)
 _select("mlp-spline-64x8-b5-affine-wd1", coupling="spline", hidden_features=64, n_steps=8,
         bound=5.0, spline_affine=True, weight_decay=1.0)
+_select("mlp-affine-wd1-rotation", coupling="affine", weight_decay=1.0, start="rotation")
+_select("mlp-spline-64x8-b5-wd1-rotation", coupling="spline", hidden_features=64, n_steps=8,
+        bound=5.0, spline_affine=False, weight_decay=1.0, start="rotation")
 _select("glow-spline-32x4-b5", image_shape=SHAPE, coupling="spline", hidden_features=32,
         n_steps=4, bound=5.0, spline_affine=False)
 

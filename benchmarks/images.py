@@ -22,7 +22,8 @@ the density run, and ``langevin`` posterior draws (mean, per-pixel 90 % coverage
 ``N_POSTERIOR`` test patches. Writes results/images.png: truth / measurement / best classical /
 best flowsk / posterior std for the first test patch of each task.
 
-Priors and GMMs are cached as results/*.joblib (refitted when their settings change).
+Priors and GMMs are cached as results/*.joblib (refitted when their settings or the training
+code change).
 
     python benchmarks/images.py density --size 16 [--epochs N --models glow/affine ...] [--quick]
     python benchmarks/images.py inverse [--quick]
@@ -42,6 +43,7 @@ from _common import (
     normflows_glow,
     provenance,
     read_results,
+    training_code,
     write_results,
 )
 
@@ -101,14 +103,15 @@ def timed(fn, *args, **kwargs):
 
 def cached(name, params, fit):
     """``fit() -> (model, info)`` cached as results/NAME.joblib, reused while ``params``
-    (a dict) is unchanged."""
+    (a dict) and the training code are unchanged."""
     path = RESULTS / f"{name}.joblib"
+    key = {**params, "training_code": training_code()}
     if path.exists():
-        saved_params, out = joblib.load(path)
-        if saved_params == params:
+        saved_key, out = joblib.load(path)
+        if saved_key == key:
             return out
     out = fit()
-    joblib.dump((params, out), path)
+    joblib.dump((key, out), path)
     return out
 
 

@@ -43,13 +43,13 @@ _MAX_BINS = 100
 #: affine settings; ``maf`` takes the size of zuko's NSF in the density benchmark. Vector
 #: (``mlp``) flows are small-data models that overfit quickly, image flows share their
 #: convolution weights over space.
-_MLP = {"n_steps": 8, "hidden_features": 128, "learning_rate": 6e-4, "weight_decay": 1e-3}
+_MLP = {"n_steps": 8, "hidden_features": 128, "learning_rate": 6e-4, "weight_decay": 1.0}
 _IMAGE = {"n_steps": 4, "hidden_features": 32, "learning_rate": 1e-3, "weight_decay": 1e-4}
 _MAF = {"n_steps": 5, "hidden_features": 128, "learning_rate": 1e-3, "weight_decay": 1e-3}
 _AUTO = {
     "mlp": {"affine": _MLP, "additive": _MLP, "robust-spline": {**_MLP, "bound": 3.0},
-            "spline": {"n_steps": 8, "hidden_features": 64, "learning_rate": 6e-4,
-                       "weight_decay": 1.0, "n_bins": 8, "bound": 5.0, "spline_affine": True}},
+            "spline": {**_MLP, "hidden_features": 64, "n_bins": 8, "bound": 5.0,
+                       "spline_affine": False}},
     "image": {"affine": _IMAGE, "additive": _IMAGE, "robust-spline": {**_IMAGE, "bound": 3.0},
               "spline": {**_IMAGE, "n_bins": 8, "bound": 5.0, "spline_affine": False}},
     "maf": {"affine": _MAF, "additive": _MAF, "robust-spline": {**_MAF, "bound": 3.0},
@@ -302,8 +302,7 @@ class FlowPrior(BaseFlowEstimator):
         ``"spline"``, 3 for ``"robust-spline"``.
     spline_affine : bool or None
         ``"spline"`` only: a conditional shift and scale (Glow's affine) in front of each
-        spline, which moves each value into the spline's box. None: True for ``mlp``, False
-        for the other architectures.
+        spline, which moves each value into the spline's box. None: False.
     n_levels : int
         Multiscale levels (image architectures).
     n_steps : int or None
@@ -321,8 +320,8 @@ class FlowPrior(BaseFlowEstimator):
         The training loop: AdamW (``weight_decay`` decoupled, on the weights of linear and
         convolution layers only), early stopping on the validation split (one learning-rate
         cut by 10 at the first plateau). ``learning_rate`` None: 6e-4 for ``mlp``, 1e-3 for
-        images and ``maf``; ``weight_decay`` None: 1e-3 for ``mlp`` (1.0 with ``"spline"``),
-        1e-4 for images, 1e-3 for ``maf``.
+        images and ``maf``; ``weight_decay`` None: 1.0 for ``mlp``, 1e-4 for
+        images, 1e-3 for ``maf``.
     on_nonfinite : {"raise", "warn"}
         What to do when a generated sample is not finite.
     device : "auto", "cpu", "cuda", ...

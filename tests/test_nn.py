@@ -440,6 +440,37 @@ def test_invertible_linear_starts_as_rotation():
     torch.testing.assert_close(w @ w.T, torch.eye(6), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("features", [2, 5, 8])
+@pytest.mark.parametrize("architecture", ["mlp", "maf"])
+def test_vector_flows_start_at_permutations_that_transform_every_feature(architecture,
+                                                                          features):
+    """Each step's linear layer starts at a permutation (every feature stays whole), and
+    within every pair of steps each feature lands once in the transformed half, whatever
+    the random permutations drawn."""
+    flow = build_flow(features, architecture=architecture, n_steps=6, hidden_features=8)
+    weights = [m.weight().detach() for m in flow.modules() if isinstance(m, InvertibleLinear)]
+    assert len(weights) == 6
+    holds = torch.arange(features)  # which input feature each position holds
+    split = features // 2
+    for k, w in enumerate(weights):
+        assert torch.equal(w.abs().sum(0), torch.ones(features))
+        assert torch.equal(w.abs().sum(1), torch.ones(features))
+        assert torch.equal(w.sort(1).values[:, -1], torch.ones(features))
+        holds = holds[w.argmax(1)]
+        transformed = set(holds[split:].tolist())
+        if k % 2 == 0:
+            first = transformed
+        elif architecture == "mlp":
+            # a pair transforms every feature; with an odd count one feature twice
+            assert first | transformed == set(range(features))
+            assert len(first & transformed) == features % 2
+
+
+def test_invertible_linear_rejects_a_bad_permutation():
+    with pytest.raises(ValueError, match="permutation must order"):
+        InvertibleLinear(4, permutation=[0, 1, 1, 2])
+
+
 def test_invertible_linear_eval_uses_cached_inverse(monkeypatch):
     """Generation in eval mode reads the cached inverse: no matrix inverse in the exported
     path, and the cache equals the exact inverse of the current weights."""

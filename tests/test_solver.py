@@ -298,8 +298,8 @@ def test_seeded_predictions_are_reproducible(setup):
 def digits_setup():
     from flowsk.datasets import load_digit_images
     X, shape = load_digit_images()
-    prior = FlowPrior(data_range=(0, 1), n_steps=2, hidden_features=16, max_epochs=3,
-                      device="cpu", random_state=0).fit(X[:300])
+    prior = FlowPrior(data_range=(0, 1), dequantize=1 / 16, n_steps=2, hidden_features=16,
+                      max_epochs=3, device="cpu", random_state=0).fit(X[:300])
     op = Inpainting(shape, box=(2, 2, 6, 6))
     Xv = X[300:340]
     return prior, op, op.measure(Xv, noise_std=0.01, random_state=0), Xv

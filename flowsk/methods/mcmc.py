@@ -12,10 +12,11 @@ of the kept states.
 Preconditioning. With ``preconditioner="laplace"`` (the default) each observation's posterior
 is first approximated by ``N(z_map, H^-1)`` (:mod:`.laplace`; at most ``laplace_steps``
 damped Gauss-Newton steps), and the chains run in whitened coordinates ``w``,
-``z = z_map + L w`` with ``L L^T = H^-1``: a constant change of variables, so every sampler stays exact, while the
-directions that the measurements pin down and those they leave free mix at one rate (without
-it the step must be small against the stiffest direction, ``~sigma^2``, and the free directions
-barely move). Chains start at ``w ~ N(0, I)``, i.e. at draws of the Laplace approximation.
+``z = z_map + L w`` with ``L L^T = H^-1``: a constant change of variables, so every sampler
+stays exact, while the directions that the measurements pin down and those they leave free
+mix at one rate (without it the step must be small against the stiffest direction,
+``~sigma^2``, and the free directions barely move). Chains start at ``w ~ N(0, I)``, i.e. at
+draws of the Laplace approximation.
 ``preconditioner="identity"`` runs on ``z`` itself from prior draws and stores no ``d x d``
 matrix (for large latent spaces). Starts where the log-posterior is not finite (the generator
 overflows) are redrawn, ten times at most (then ``w = 0``); a step into that region is rejected.

@@ -1,13 +1,16 @@
 """Named flow architectures.
 
-- ``mlp``: flat vectors; steps of ActNorm, invertible linear (LU) and an MLP coupling.
-- ``glow``: images; multiscale, steps of ActNorm, invertible 1x1 conv (LU) and a CNN coupling.
+- ``mlp``: flat vectors; steps of ActNorm, invertible linear (LU, starting at a permutation,
+  see :func:`step_orders`) and an MLP coupling.
+- ``glow``: images; multiscale, steps of ActNorm, invertible 1x1 conv (LU, starting at a
+  permutation, see :func:`step_orders`) and a CNN coupling.
 - ``realnvp``: images; multiscale, steps of a CNN coupling and a channel reversal.
 - ``chavez``: images; multiscale, steps of ActNorm, a channel swap and a CNN coupling whose
   conditioner uses 1x1 convolutions on 1x1 maps: no layer needs a matrix inverse.
-- ``maf``: flat vectors, for density estimation; steps of ActNorm, invertible linear (LU) and
-  a masked autoregressive transform. Generating (the inverse) takes one network pass per
-  feature, so it is slow to sample and not for the latent-space solvers.
+- ``maf``: flat vectors, for density estimation; steps of ActNorm, invertible linear (LU,
+  starting at a permutation) and a masked autoregressive transform. Generating (the
+  inverse) takes one network pass per feature, so it is slow to sample and not for the
+  latent-space solvers.
 """
 import torch
 
@@ -22,10 +25,21 @@ ARCHITECTURES = ("mlp", "glow", "realnvp", "chavez", "maf")
 IMAGE_ARCHITECTURES = ("glow", "realnvp", "chavez")
 
 
+def step_orders(features, n_steps, generator=None):
+    """The permutations ``(features,)`` that the invertible linear layers of ``n_steps`` steps
+    start at: a random one at even steps, at odd steps the swap that brings the features the
+    previous coupling transformed (the second half) to the front. So every feature is
+    transformed once in every pair of steps, and the pairs split the features differently."""
+    swap = torch.roll(torch.arange(features), -(features // 2))
+    return [torch.randperm(features, generator=generator) if k % 2 == 0 else swap
+            for k in range(n_steps)]
+
+
 def vector_step(features, coupling, hidden_features, context_features=0, generator=None,
-                coupling_options=None):
-    """One ``mlp`` step on ``(B, features)``."""
-    layers = [ActNorm(features), InvertibleLinear(features, generator)]
+                coupling_options=None, order=None):
+    """One ``mlp`` step on ``(B, features)``; its linear layer starts at the permutation
+    ``order`` (None: a random rotation)."""
+    layers = [ActNorm(features), InvertibleLinear(features, generator, order)]
     split = features // 2
     if split:  # a single feature has nothing to condition on: the step is affine
         transform = make_transform(coupling, **(coupling_options or {}))
@@ -36,16 +50,17 @@ def vector_step(features, coupling, hidden_features, context_features=0, generat
 
 
 def autoregressive_step(features, coupling, hidden_features, generator=None,
-                        coupling_options=None):
-    """One ``maf`` step on ``(B, features)``."""
+                        coupling_options=None, order=None):
+    """One ``maf`` step on ``(B, features)``; its linear layer starts at ``order``."""
     transform = make_transform(coupling, **(coupling_options or {}))
-    return [ActNorm(features), InvertibleLinear(features, generator),
+    return [ActNorm(features), InvertibleLinear(features, generator, order),
             MaskedAutoregressive(features, transform, hidden_features)]
 
 
 def image_step(architecture, shape, coupling, hidden_features, generator=None,
-               coupling_options=None):
-    """One step of an image architecture on ``(B, *shape)``."""
+               coupling_options=None, order=None):
+    """One step of an image architecture on ``(B, *shape)``; ``glow``'s 1x1 convolution
+    starts at the channel permutation ``order``."""
     c, h, _ = shape
     transform = make_transform(coupling, **(coupling_options or {}))
     split = c // 2
@@ -53,7 +68,7 @@ def image_step(architecture, shape, coupling, hidden_features, generator=None,
     coupling_layer = Coupling(
         split, CNN(split, (c - split) * transform.n_params, hidden_features, kernel), transform)
     if architecture == "glow":
-        return [ActNorm(c), InvertibleLinear(c, generator), coupling_layer]
+        return [ActNorm(c), InvertibleLinear(c, generator, order), coupling_layer]
     if architecture == "realnvp":
         return [coupling_layer, Permutation.reverse(c)]
     return [ActNorm(c), Permutation.swap(c), coupling_layer]
@@ -86,22 +101,22 @@ def build_flow(n_features, *, image_shape=None, architecture="mlp", coupling="af
     generator = torch.Generator().manual_seed(int(random_state))
     layers = [Logit(data_range)] if data_range is not None else []
     if architecture == "mlp":
-        for _ in range(n_steps):
+        for order in step_orders(n_features, n_steps, generator):
             layers += vector_step(n_features, coupling, hidden_features, context_features,
-                                  generator, coupling_options)
+                                  generator, coupling_options, order)
     elif architecture == "maf":
         if context_features:
             raise ValueError("conditional flows need architecture='mlp'")
-        for _ in range(n_steps):
+        for order in step_orders(n_features, n_steps, generator):
             layers += autoregressive_step(n_features, coupling, hidden_features, generator,
-                                          coupling_options)
+                                          coupling_options, order)
     elif architecture in IMAGE_ARCHITECTURES:
         if context_features:
             raise ValueError("conditional flows need architecture='mlp'")
         shapes = level_shapes(image_shape, n_levels)
-        levels = [Chain(*[layer for _ in range(n_steps)
+        levels = [Chain(*[layer for order in step_orders(s[0], n_steps, generator)
                           for layer in image_step(architecture, s, coupling, hidden_features,
-                                                  generator, coupling_options)])
+                                                  generator, coupling_options, order)])
                   for s in shapes]
         layers += [Reshape(image_shape), Multiscale(levels, shapes)]
     else:
