@@ -373,7 +373,7 @@ def test_default_architecture_follows_image_shape():
 
 
 @pytest.mark.parametrize("params, expected", [
-    ({}, {"learning_rate": 6e-4, "weight_decay": 1e-3}),
+    ({}, {"learning_rate": 6e-4, "weight_decay": 1.0}),
     ({"image_shape": (1, 8, 8)}, {"learning_rate": 1e-3, "weight_decay": 1e-4}),
     ({"learning_rate": 1e-2, "weight_decay": 0.0}, {"learning_rate": 1e-2, "weight_decay": 0.0}),
 ])
