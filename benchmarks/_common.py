@@ -17,10 +17,12 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 import flowsk
+import flowsk.nn.builders
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -132,3 +134,10 @@ def normflows_glow(shape, n_levels, n_steps, hidden_features, learned_base=False
     transform = nf.transforms.Logit(alpha=0.05) if logit else None
     return nf.MultiscaleFlow(q0, flows, merges, transform=transform, class_cond=False)
 
+
+def linear_start(start):
+    """A context in which every architecture's invertible linear layers start at ``start``
+    ("permutation" or "rotation") instead of their defaults
+    (``flowsk.nn.builders.LINEAR_START``), for ablations."""
+    starts = flowsk.nn.builders.LINEAR_START
+    return mock.patch.dict(starts, dict.fromkeys(starts, start))

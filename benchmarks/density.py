@@ -26,13 +26,19 @@ from unittest import mock
 
 import numpy as np
 import torch
-from _common import markdown_table, metadata, provenance, read_results, write_results
+from _common import (
+    linear_start,
+    markdown_table,
+    metadata,
+    provenance,
+    read_results,
+    write_results,
+)
 from sklearn.datasets import load_digits
 from sklearn.mixture import GaussianMixture
 from sklearn.model_selection import train_test_split
 
 import flowsk._training
-import flowsk.nn.builders
 from flowsk import FlowPrior
 from flowsk._training import train
 from flowsk.nn.multiscale import Logit
@@ -68,24 +74,15 @@ def adam_l2():
         yield
 
 
-@contextlib.contextmanager
-def rotation_start():
-    """Glow's start, which flowsk's ``mlp``, ``glow`` and ``maf`` had before: every invertible
-    linear layer at a random rotation instead of the permutations of ``step_orders``."""
-    with mock.patch.object(flowsk.nn.builders, "step_orders",
-                           lambda features, n_steps, generator=None: [None] * n_steps):
-        yield
-
-
 def fit_flowprior(train_rows, eval_rows, seed, max_epochs, optimizer="adamw",
-                  start="permutation", **params):
+                  start=None, **params):
     prior = FlowPrior(data_range=(0, 1), dequantize=WIDTH, max_epochs=max_epochs,
                       n_iter_no_change=PATIENCE, random_state=seed, device="cpu", **params)
     with contextlib.ExitStack() as stack:
         if optimizer == "adam-l2":
             stack.enter_context(adam_l2())
-        if start == "rotation":
-            stack.enter_context(rotation_start())
+        if start is not None:
+            stack.enter_context(linear_start(start))
         prior.fit(train_rows)
     return prior.score(eval_rows), len(prior.history_["val_loss"]), _n_params(prior.flow_)
 
@@ -216,6 +213,8 @@ _select("mlp-spline-64x8-b5-wd1-rotation", coupling="spline", hidden_features=64
         bound=5.0, spline_affine=False, weight_decay=1.0, start="rotation")
 _select("glow-spline-32x4-b5", image_shape=SHAPE, coupling="spline", hidden_features=32,
         n_steps=4, bound=5.0, spline_affine=False)
+_select("glow-spline-32x4-b5-permutation", image_shape=SHAPE, coupling="spline",
+        hidden_features=32, n_steps=4, bound=5.0, spline_affine=False, start="permutation")
 
 
 def generation_ms(architecture, batch=128, repeats=20):
@@ -262,14 +261,17 @@ def run_benchmark(args):
 
 def merge(parts):
     """Join the runs of ``--part`` files (seeds run side by side, one per core, or a seed
-    added to an earlier merge: ``--merge density PART``) into results/density.json; the meta
+    added to an earlier merge: ``--merge density PART``) into results/density.json; a later
+    part's run replaces an earlier run of the same row and seed (a row rerun); the meta
     block of each run is kept under ``parts``."""
     results = [read_results(part) for part in parts]
     merged = {**results[0],
               "parts": [m for res in results for m in res.get("parts", [res["meta"]])]}
     for res in results[1:]:
         for name, row in res["rows"].items():
-            merged["rows"][name]["runs"] += row["runs"]
+            seeds = {r["seed"] for r in row["runs"]}
+            merged["rows"][name]["runs"] = [r for r in merged["rows"][name]["runs"]
+                                            if r["seed"] not in seeds] + row["runs"]
     for row in merged["rows"].values():
         row["runs"].sort(key=lambda r: r["seed"])
     meta = {**merged.pop("meta"), "seed": sorted(s for r in results for s in r["meta"]["seed"]),

@@ -12,6 +12,9 @@ on the same dequantization: ``FlowPrior`` gets the bin centres ``(k + 0.5) / 256
 (``EPOCHS``, best validation epoch kept), against ``GaussianMixture(n, "full")`` (n picked on
 the validation split) and normflows' Glow of the same levels, steps and width with the same
 logit, dequantization, epochs, batch size and learning rate. Fit wall and CPU seconds.
+Rows marked "permutation start" are an ablation: ``glow``'s 1x1 convolutions start at the
+permutations of ``flowsk.nn.builders.step_orders`` (the start of the vector architectures)
+instead of random rotations (``LINEAR_START``).
 
 ``inverse``: 200 test patches of 32x32 (noise 0.01 unless stated): denoising sigma 25/255,
 random 50 % pixel inpainting, a centre 4x4 box, Gaussian deblurring (sigma 1.5 px, 9x9 kernel)
@@ -29,6 +32,7 @@ code change).
     python benchmarks/images.py inverse [--quick]
 """
 import argparse
+import contextlib
 import math
 import time
 
@@ -38,6 +42,7 @@ import torch
 from _common import (
     RESULTS,
     edge_flag,
+    linear_start,
     markdown_table,
     metadata,
     normflows_glow,
@@ -57,14 +62,16 @@ LOGIT_ALPHA = 0.05  # FlowPrior's logit squeeze, applied to normflows' Glow as w
 #: The fixed training budget per patch size (2 shared CPU cores; every model gets the same).
 EPOCHS = {16: 4, 32: 5}
 #: (architecture, coupling) of the flowsk priors per patch size.
-MODELS = {16: [("glow", "affine"), ("glow", "additive"), ("glow", "spline"),
-               ("glow", "robust-spline"), ("realnvp", "affine"), ("chavez", "affine")],
-          32: [("glow", "affine")]}  # what the CPU budget allowed at 32x32
+# (architecture, coupling[, start]); start "permutation": an ablation of glow's start
+MODELS = {16: [("glow", "affine"), ("glow", "affine", "permutation"), ("glow", "additive"),
+               ("glow", "spline"), ("glow", "spline", "permutation"), ("glow", "robust-spline"),
+               ("realnvp", "affine"), ("chavez", "affine")],
+          32: [("glow", "affine"), ("glow", "affine", "permutation")]}  # the CPU budget at 32x32
 GMM_COMPONENTS = {16: (1, 4, 16), 32: (1, 2, 4)}
 GMM_MAX_ITER = {16: 50, 32: 30}
 INVERSE_PRIOR = ("glow", "affine")
 N_TEST, N_VAL, N_POSTERIOR = 200, 20, 8
-GLOWIP = {"gamma": [0.01, 0.1], "n_iter": [100]}
+GLOWIP = {"gamma": [0.0, 0.001, 0.01], "n_iter": [300]}
 LANGEVIN = {"n_samples": 16, "method_params": {"burn_in": 200, "thin": 4, "n_chains": 4}}
 
 
@@ -116,9 +123,9 @@ def cached(name, params, fit):
 
 
 # -- density -------------------------------------------------------------------------------------
-def flow_prior(size, architecture, coupling, quick=False, epochs=None):
+def flow_prior(size, architecture, coupling, quick=False, epochs=None, start=None):
     """``(prior, info)``: a FlowPrior fitted on the training split for ``epochs`` (default
-    ``EPOCHS[size]``), cached."""
+    ``EPOCHS[size]``), its invertible linear layers at ``start`` (None: the default), cached."""
     X_fit, _, _, shape = photo_data(size, quick)
     epochs = 1 if quick else epochs or EPOCHS[size]
     prior = FlowPrior(image_shape=shape, architecture=architecture, coupling=coupling,
@@ -126,10 +133,12 @@ def flow_prior(size, architecture, coupling, quick=False, epochs=None):
                       random_state=SEED)
 
     def fit():
-        _, wall, cpu = timed(prior.fit, centres(X_fit))
+        with contextlib.nullcontext() if start is None else linear_start(start):
+            _, wall, cpu = timed(prior.fit, centres(X_fit))
         return prior, {"fit_seconds": wall, "cpu_seconds": cpu, "n_fit": len(X_fit)}
 
-    name = f"prior-images{size}-{architecture}-{coupling}-{epochs}ep"
+    name = (f"prior-images{size}-{architecture}-{coupling}-{epochs}ep"
+            + ("" if start is None else f"-{start}"))
     return cached(name, {**prior.get_params(), "n_fit": len(X_fit)}, fit)
 
 
@@ -221,10 +230,11 @@ def run_density(size, quick, epochs=None, models=None):
     X_test_d = dequantized(X_test, 3)
     rows = []
     models = MODELS[size] if models is None else [tuple(m.split("/")) for m in models]
-    for arch, coupling in models:
-        prior, info = flow_prior(size, arch, coupling, quick, epochs)
+    for arch, coupling, *start in models:
+        prior, info = flow_prior(size, arch, coupling, quick, epochs, *start)
         bpd = prior.bits_per_dim(X_test_d, n_bits=8)
-        rows.append({"model": f"flowsk {arch} / {coupling}", "test_bpd": float(bpd),
+        label = f"flowsk {arch} / {coupling}" + "".join(f" ({s} start)" for s in start)
+        rows.append({"model": label, "test_bpd": float(bpd),
                      "val_bpd": float(prior.bits_per_dim(dequantized(X_val, 2), n_bits=8)),
                      "n_params": n_params(prior.flow_), "epochs": len(prior.history_[
                          "train_loss"]), "best_epoch": int(prior.best_epoch_) + 1, **info})
@@ -494,7 +504,8 @@ def main():
     parser.add_argument("part", choices=("density", "inverse"))
     parser.add_argument("--size", type=int, choices=(16, 32), default=16)
     parser.add_argument("--epochs", type=int, help="density: the epoch budget")
-    parser.add_argument("--models", nargs="+", help="density: architecture/coupling, ...")
+    parser.add_argument("--models", nargs="+",
+                        help="density: architecture/coupling[/permutation|rotation], ...")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.part == "density":

@@ -297,14 +297,18 @@ def test_a_worker_error_reaches_the_client(client, problem):
 
 
 class _Sleep(TransformerMixin, BaseEstimator):
-    """Passes ``Y`` through; its ``fit`` sleeps ``seconds`` or, with ``die``, ends the process
-    it runs in (a worker that crashes or is killed)."""
+    """Passes ``Y`` through; its ``fit`` touches the file ``started`` (if given), then sleeps
+    ``seconds`` or, with ``die``, ends the process it runs in (a worker that crashes or is
+    killed)."""
 
-    def __init__(self, seconds=0.0, die=False):
+    def __init__(self, seconds=0.0, die=False, started=None):
         self.seconds = seconds
         self.die = die
+        self.started = started
 
     def fit(self, Y, X=None):
+        if self.started is not None:
+            open(self.started, "a").close()
         if self.die:
             os._exit(1)
         time.sleep(self.seconds)
@@ -314,7 +318,7 @@ class _Sleep(TransformerMixin, BaseEstimator):
         return Y
 
 
-def test_a_dying_cluster_raises_instead_of_hanging(problem):
+def test_a_dying_cluster_raises_instead_of_hanging(problem, tmp_path):
     prior, op, X, _ = problem
     Y = op.measure(X[:20], noise_std=0.05, random_state=0)
     pipe = Pipeline([("sleep", _Sleep()), ("solve", InverseSolver(prior, op, n_iter=2))])
@@ -323,17 +327,27 @@ def test_a_dying_cluster_raises_instead_of_hanging(problem):
             distributed.Client(cluster, set_as_default=False) as c:
         with joblib.parallel_config(backend="dask", client=c), pytest.raises(KilledWorker):
             GridSearchCV(pipe, {"sleep__die": [False, True]}, cv=2).fit(Y, X[:20])
-        # the whole cluster going away mid-search (with both workers back: on one worker
-        # with one thread joblib would run the search in this process)
+        # the whole cluster going away mid-search, once a worker has begun a task (with both
+        # workers back: on one worker with one thread joblib would run the search here)
         c.wait_for_workers(2, timeout=120)
-        closer = threading.Timer(3.0, cluster.close)
+        started = tmp_path / "started"
+        closer = threading.Thread(target=_close_once_started, args=(cluster, started))
         closer.start()
         try:
             with joblib.parallel_config(backend="dask", client=c), \
                     pytest.raises((CancelledError, KilledWorker)):  # workers or scheduler first
-                GridSearchCV(pipe, {"sleep__seconds": [1.0] * 20}, cv=2).fit(Y, X[:20])
+                GridSearchCV(pipe, {"sleep__seconds": [1.0] * 20, "sleep__started": [started]},
+                             cv=2).fit(Y, X[:20])
         finally:
             closer.join()
+
+
+def _close_once_started(cluster, started, timeout=120.0):
+    """Close ``cluster`` as soon as the file ``started`` exists (or after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cluster.close()
 
 
 # -- worker settings ----------------------------------------------------------------------------

@@ -466,6 +466,20 @@ def test_vector_flows_start_at_permutations_that_transform_every_feature(archite
             assert len(first & transformed) == features % 2
 
 
+def test_glow_starts_at_rotations():
+    """glow's 1x1 convolutions start at random rotations (orthogonal, mixing every channel of
+    a squeezed block), not at the permutations of the vector architectures."""
+    flow = build_flow(64, image_shape=(1, 8, 8), architecture="glow", n_steps=2,
+                      hidden_features=8)
+    weights = [m.weight().detach().double() for m in flow.modules()
+               if isinstance(m, InvertibleLinear)]
+    assert [len(w) for w in weights] == [4, 4, 8, 8]
+    for w in weights:
+        torch.testing.assert_close(w @ w.T, torch.eye(len(w), dtype=torch.float64),
+                                   rtol=0, atol=1e-5)
+        assert (w.abs() < 0.99).all(1).any()  # a row that mixes channels
+
+
 def test_invertible_linear_rejects_a_bad_permutation():
     with pytest.raises(ValueError, match="permutation must order"):
         InvertibleLinear(4, permutation=[0, 1, 1, 2])
