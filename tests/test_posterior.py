@@ -504,3 +504,20 @@ def test_laplace_reaches_a_stationary_point_where_plain_gauss_newton_stalls():
     start = gradient_norm(torch.zeros_like(z_map))
     assert (gradient_norm(z_map) < 1e-3 * start).all()
     assert torch.isfinite(H).all()
+
+
+def test_laplace_hessian_stays_positive_definite_at_small_noise():
+    """``H = I + J^T J / sigma^2`` is formed in float64: in float32 its rounding outweighs the
+    ``I`` at small noise (on this problem every observation's ``H`` was indefinite at
+    sigma 1e-4, and the MCMC methods failed in their Cholesky factorisation)."""
+    from flowsk.methods.laplace import laplace
+
+    prior = bounded_prior(16, seed=0, spread=1.5)
+    op = CompressedSensing(16, 4, random_state=0)
+    Y = op.measure(prior.sample(10, random_state=0), noise_std=1e-4, random_state=0)
+    solver = InverseSolver(prior, op, method="langevin", sigma=1e-4, n_samples=4,
+                           method_params={"burn_in": 5, "thin": 1}, random_state=0)
+    y = torch.as_tensor(Y, dtype=torch.float32)
+    _, H = laplace(solver._problem(METHODS["langevin"]()), y, 0)
+    assert (torch.linalg.cholesky_ex(H.double()).info == 0).all()
+    assert np.isfinite(solver.sample_posterior(Y)).all()

@@ -6,8 +6,10 @@ Levenberg-Marquardt steps towards the MAP point from ``z = 0`` (Gauss-Newton ste
 observation: a step that does not lower the objective is rejected and the damping raised
 tenfold, an accepted one lowers it tenfold; without damping a rejected step would be proposed
 again unchanged and the search would stall far from the mode), then the Gauss-Newton Hessian
-``H = I + J^T J / sigma^2`` of ``J = d A(G(z)) / dz`` there. For a linear operator and an affine
-prior, ``N(z_map, H^-1)`` is the exact posterior.
+``H = I + J^T J / sigma^2`` of ``J = d A(G(z)) / dz`` there, formed in float64: in float32
+the rounding of ``J^T J / sigma^2`` outweighs the ``I`` once the noise is small, and ``H`` is
+then not positive definite. For a linear operator and an affine prior, ``N(z_map, H^-1)`` is
+the exact posterior.
 """
 import torch
 
@@ -31,22 +33,25 @@ def residual_jacobian(problem, z, Y):
 
 
 def laplace(problem, Y, steps, tol=1e-3):
-    """``(z_map (n, d), H (n, d, d))`` for observations ``Y (n, m)``, after at most ``steps``
-    damped Gauss-Newton steps from ``z = 0``; the steps stop early once no observation's
-    objective falls by more than ``tol`` nats in a step while its damping is still usable."""
+    """``(z_map (n, d), H (n, d, d), float64)`` for observations ``Y (n, m)``, after at most
+    ``steps`` damped Gauss-Newton steps from ``z = 0``; the steps stop early once no
+    observation's objective falls by more than ``tol`` nats in a step while its damping is
+    still usable."""
     inv_var = 1.0 / problem.params["sigma"] ** 2
     z = torch.zeros(len(Y), problem.flow.latent_dim, device=Y.device)
     with torch.no_grad():
         best = map_objective(problem, z, Y)
-    eye = torch.eye(z.shape[1], device=z.device)
-    damping, done = torch.zeros(len(Y), device=Y.device), False
+    eye = torch.eye(z.shape[1], dtype=torch.float64, device=z.device)
+    damping, done = torch.zeros(len(Y), dtype=torch.float64, device=Y.device), False
     for step in range(steps + 1):
         r, J = residual_jacobian(problem, z, Y)
+        J, r = J.double(), r.double()
         H = eye + inv_var * J.transpose(1, 2) @ J
         if step == steps or done:
             return z, H
-        g = z + inv_var * (J.transpose(1, 2) @ r[..., None])[..., 0]
-        trial_z = z - torch.linalg.solve(H + damping[:, None, None] * eye, g[..., None])[..., 0]
+        g = z.double() + inv_var * (J.transpose(1, 2) @ r[..., None])[..., 0]
+        step_z = torch.linalg.solve(H + damping[:, None, None] * eye, g[..., None])[..., 0]
+        trial_z = z - step_z.to(z.dtype)
         with torch.no_grad():
             trial = map_objective(problem, trial_z, Y)
         better = torch.isfinite(trial) & (trial < best)
@@ -57,8 +62,8 @@ def laplace(problem, Y, steps, tol=1e-3):
         done = not active.any()
 
 
-def covariance_factor(H):
+def covariance_factor(H, dtype):
     """Lower-triangular ``L`` with ``L L^T = H^-1``: ``(n, d, d) -> (n, d, d)`` (computed in
-    float64, returned in ``H``'s dtype)."""
+    float64, returned in ``dtype``)."""
     cov = torch.cholesky_inverse(torch.linalg.cholesky(H.double()))
-    return torch.linalg.cholesky(cov).to(H.dtype)
+    return torch.linalg.cholesky(cov).to(dtype)

@@ -172,7 +172,7 @@ class LatentMCMC(Method):
         n, d, c = len(Y), problem.flow.latent_dim, p["n_chains"]
         if p["preconditioner"] == "laplace":
             z0, H = laplace(problem, Y, p["laplace_steps"])
-            target = _Target(problem, Y, c, z0, covariance_factor(H))
+            target = _Target(problem, Y, c, z0, covariance_factor(H, z0.dtype))
         else:
             target = _Target(problem, Y, c)
         with torch.no_grad():

@@ -220,7 +220,7 @@ class VI(Method):
         with torch.no_grad():
             q.mean.copy_(z)
             if q.full:
-                L = math.sqrt(p["beta"]) * covariance_factor(H)
+                L = math.sqrt(p["beta"]) * covariance_factor(H, z.dtype)
                 q.log_diag.copy_(torch.diagonal(L, dim1=1, dim2=2).log())
                 q.lower.copy_(L)
             else:
