@@ -137,7 +137,7 @@ def normflows_glow(shape, n_levels, n_steps, hidden_features, learned_base=False
 
 def linear_start(start):
     """A context in which every architecture's invertible linear layers start at ``start``
-    ("permutation" or "rotation") instead of their defaults
-    (``flowsk.nn.builders.LINEAR_START``), for ablations."""
+    ("permutation" or "rotation"; None: their defaults, ``flowsk.nn.builders.LINEAR_START``),
+    for ablations."""
     starts = flowsk.nn.builders.LINEAR_START
-    return mock.patch.dict(starts, dict.fromkeys(starts, start))
+    return mock.patch.dict(starts, {} if start is None else dict.fromkeys(starts, start))

@@ -81,8 +81,7 @@ def fit_flowprior(train_rows, eval_rows, seed, max_epochs, optimizer="adamw",
     with contextlib.ExitStack() as stack:
         if optimizer == "adam-l2":
             stack.enter_context(adam_l2())
-        if start is not None:
-            stack.enter_context(linear_start(start))
+        stack.enter_context(linear_start(start))
         prior.fit(train_rows)
     return prior.score(eval_rows), len(prior.history_["val_loss"]), _n_params(prior.flow_)
 

@@ -32,7 +32,6 @@ code change).
     python benchmarks/images.py inverse [--quick]
 """
 import argparse
-import contextlib
 import math
 import time
 
@@ -61,8 +60,8 @@ SEED = 0
 LOGIT_ALPHA = 0.05  # FlowPrior's logit squeeze, applied to normflows' Glow as well
 #: The fixed training budget per patch size (2 shared CPU cores; every model gets the same).
 EPOCHS = {16: 4, 32: 5}
-#: (architecture, coupling) of the flowsk priors per patch size.
-# (architecture, coupling[, start]); start "permutation": an ablation of glow's start
+#: (architecture, coupling[, start]) of the flowsk priors per patch size; start
+#: "permutation" is an ablation of glow's start.
 MODELS = {16: [("glow", "affine"), ("glow", "affine", "permutation"), ("glow", "additive"),
                ("glow", "spline"), ("glow", "spline", "permutation"), ("glow", "robust-spline"),
                ("realnvp", "affine"), ("chavez", "affine")],
@@ -133,7 +132,7 @@ def flow_prior(size, architecture, coupling, quick=False, epochs=None, start=Non
                       random_state=SEED)
 
     def fit():
-        with contextlib.nullcontext() if start is None else linear_start(start):
+        with linear_start(start):
             _, wall, cpu = timed(prior.fit, centres(X_fit))
         return prior, {"fit_seconds": wall, "cpu_seconds": cpu, "n_fit": len(X_fit)}
 
