@@ -20,16 +20,19 @@ instead of random rotations (``LINEAR_START``).
 random 50 % pixel inpainting, a centre 4x4 box, Gaussian deblurring (sigma 1.5 px, 9x9 kernel)
 and 2x super-resolution (mean pooling). Classical baselines, each with its parameter picked by
 mean PSNR on ``N_VAL`` validation patches; pinv; the exact posterior mean of the GMM above;
-flowsk's ``glowip`` (gamma by GridSearchCV on the same patches) with the ``glow``/affine prior of
-the density run, and ``langevin`` posterior draws (mean, per-pixel 90 % coverage) on the first
-``N_POSTERIOR`` test patches. Writes results/images.png: truth / measurement / best classical /
-best flowsk / posterior std for the first test patch of each task.
+flowsk's ``glowip`` (``gamma``) and ``map`` (``beta``, with ``sigma`` the task's noise), each
+tuned by GridSearchCV on the same patches, with the ``glow``/affine prior trained for
+``INVERSE_EPOCHS``; the posterior methods' draws (mean, per-pixel 90 % coverage) on the first
+``N_POSTERIOR`` test patches. ``--tasks`` runs some tasks and merges their rows into the
+results file (each row keeps its own provenance), so tasks can run in separate processes once
+the prior and the GMM are cached. Writes results/images.png: truth / measurement / best
+classical / best flowsk / posterior std for the first test patch of each task.
 
 Priors and GMMs are cached as results/*.joblib (refitted when their settings or the training
 code change).
 
     python benchmarks/images.py density --size 16 [--epochs N --models glow/affine ...] [--quick]
-    python benchmarks/images.py inverse [--quick]
+    python benchmarks/images.py inverse [--tasks denoise ...] [--quick]
 """
 import argparse
 import math
@@ -69,9 +72,14 @@ MODELS = {16: [("glow", "affine"), ("glow", "affine", "permutation"), ("glow", "
 GMM_COMPONENTS = {16: (1, 4, 16), 32: (1, 2, 4)}
 GMM_MAX_ITER = {16: 50, 32: 30}
 INVERSE_PRIOR = ("glow", "affine")
+INVERSE_EPOCHS = 30  # the inverse problems get a prior trained longer than the density budget
 N_TEST, N_VAL, N_POSTERIOR = 200, 20, 8
-GLOWIP = {"gamma": [0.0, 0.001, 0.01], "n_iter": [300]}
-LANGEVIN = {"n_samples": 16, "method_params": {"burn_in": 200, "thin": 4, "n_chains": 4}}
+#: flowsk's point methods and their GridSearchCV grids (``map``'s sigma is the task's noise)
+GLOWIP = {"gamma": [0.0, 0.001, 0.01, 0.03], "n_iter": [300]}
+MAP = {"beta": [0.5, 1.0], "n_iter": [1000], "init": ["zeros"]}
+#: posterior methods on the first N_POSTERIOR test patches
+POSTERIOR = {"n_samples": 16, "method_params": {"burn_in": 200, "thin": 4, "n_chains": 4}}
+POSTERIOR_METHODS = ("langevin",)  # the CPU budget at 1024 dimensions
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -345,18 +353,22 @@ def scores(X, R, shape, seconds):
             "seconds_per_patch": seconds / len(X)}
 
 
-def run_inverse(quick):
+def run_inverse(quick, task_names=None):
+    """Runs ``task_names`` (default: all) and merges their rows into
+    results/images-inverse.json, so tasks can run in separate processes."""
     from inverse import dense, gmm_mmse
     from sklearn.model_selection import GridSearchCV
-    meta = metadata(seed=SEED, quick=quick, epochs=1 if quick else EPOCHS[32])
+    meta = metadata(seed=SEED, quick=quick)
     torch.set_num_threads(1)
     _, X_val, X_test, shape = photo_data(32, quick)
     X_val, X_test = X_val[:N_VAL], X_test[:16 if quick else N_TEST]
-    prior, prior_info = flow_prior(32, *INVERSE_PRIOR, quick)
+    prior, prior_info = flow_prior(32, *INVERSE_PRIOR, quick, epochs=INVERSE_EPOCHS)
     gmm, gmm_info = best_gmm(32, quick)
     n_post = 2 if quick else N_POSTERIOR
-    results, figure = {}, {}
+    path = RESULTS / f"images-inverse{'-quick' if quick else ''}.json"
     for task, (op, noise) in tasks(shape).items():
+        if task_names and task not in task_names:
+            continue
         Y_val = op.measure(X_val, noise_std=noise, random_state=1)
         Y = op.measure(X_test, noise_std=noise, random_state=0)
         row, recon = {}, {}
@@ -376,70 +388,88 @@ def run_inverse(quick):
         R, wall, _ = timed(gmm_mmse, gmm, A, noise, Y)
         row["gmm-mmse"] = {**scores(X_test, R, shape, wall), "kind": "baseline"}
         recon["gmm-mmse"] = R
-        # flowsk
-        grid = {**GLOWIP, "n_iter": [20]} if quick else GLOWIP
-        search = GridSearchCV(InverseSolver(prior, op, method="glowip", random_state=SEED),
-                              grid, cv=2).fit(Y_val, X_val)
-        R, wall, _ = timed(search.best_estimator_.predict, Y)
-        row["glowip"] = {**scores(X_test, R, shape, wall), "kind": "flowsk",
-                         "param": search.best_params_["gamma"], "grid": grid["gamma"]}
-        recon["glowip"] = R
-        post = InverseSolver(prior, op, method="langevin", sigma=noise, random_state=SEED,
-                             n_samples=LANGEVIN["n_samples"],
-                             method_params=LANGEVIN["method_params"] if not quick else
-                             {**LANGEVIN["method_params"], "burn_in": 10})
-        S, wall, _ = timed(post.sample_posterior, Y[:n_post],
-                           n_samples=LANGEVIN["n_samples"])
-        row["langevin"] = {**scores(X_test[:n_post], S.mean(1), shape, wall),
-                           "kind": "flowsk-posterior", "coverage90": coverage(X_test[:n_post], S),
-                           "n_patches": n_post}
-        results[task] = row
-        classical = max((k for k, v in row.items() if v["kind"] == "classical"),
-                        key=lambda k: row[k]["psnr"])
-        figure[task] = {"truth": X_test[0], "measurement": _images(op, Y[:1])[0][0],
-                        "classical": (classical, recon[classical][0]),
-                        "flowsk": ("glowip", recon["glowip"][0]), "std": S[0].std(0)}
+        # flowsk point methods, tuned by GridSearchCV on the validation patches
+        for method, grid, tuned in (("glowip", GLOWIP, "gamma"), ("map", MAP, "beta")):
+            if quick:
+                grid = {**grid, "n_iter": [20]}
+            solver = InverseSolver(prior, op, method=method, random_state=SEED,
+                                   **({"sigma": noise} if method == "map" else {}))
+            search = GridSearchCV(solver, grid, cv=2).fit(Y_val, X_val)
+            R, wall, _ = timed(search.best_estimator_.predict, Y)
+            row[method] = {**scores(X_test, R, shape, wall), "kind": "flowsk", "tuned": tuned,
+                           "param": search.best_params_[tuned], "grid": grid[tuned]}
+            recon[method] = R
+        for method in POSTERIOR_METHODS:
+            params = POSTERIOR["method_params"]
+            post = InverseSolver(prior, op, method=method, sigma=noise, random_state=SEED,
+                                 n_samples=POSTERIOR["n_samples"],
+                                 method_params={**params, "burn_in": 10} if quick else params)
+            S, wall, _ = timed(post.sample_posterior, Y[:n_post])
+            row[method] = {**scores(X_test[:n_post], S.mean(1), shape, wall),
+                           "kind": "flowsk-posterior", "n_patches": n_post,
+                           "coverage90": coverage(X_test[:n_post], S)}
+            recon[f"{method}-std"] = S[0].std(0)
+        # merged with the rows other processes may have written meanwhile
+        results = read_results(path.stem)["results"] if path.exists() else {}
+        results[task] = {**row, "meta": meta}
+        classical, flowsk = best_of(row, "classical"), best_of(row, "flowsk")
+        np.savez(RESULTS / f"images-figure-{task}{'-quick' if quick else ''}.npz",
+                 truth=X_test[0], measurement=_images(op, Y[:1])[0][0],
+                 classical=recon[classical][0], flowsk=recon[flowsk][0],
+                 std=recon[f"{POSTERIOR_METHODS[-1]}-std"], names=[classical, flowsk])
         print(task, {k: round(v["psnr"], 2) for k, v in row.items()}, flush=True)
-    write_figure(figure)
-    payload = {"n_test": len(X_test), "n_val": len(X_val), "n_posterior": n_post,
-               "prior": {"architecture": INVERSE_PRIOR[0], "coupling": INVERSE_PRIOR[1],
-                         "n_params": n_params(prior.flow_), "epochs": prior.max_epochs,
-                         **prior_info},
-               "gmm_components": gmm_info["n_components"], "glowip": GLOWIP,
-               "langevin": LANGEVIN, "results": results}
-    write_results("images-inverse", payload, meta)
+        payload = {"n_test": len(X_test), "n_val": len(X_val), "n_posterior": n_post,
+                   "prior": {"architecture": INVERSE_PRIOR[0], "coupling": INVERSE_PRIOR[1],
+                             "n_params": n_params(prior.flow_), "epochs": prior.max_epochs,
+                             **prior_info},
+                   "gmm_components": gmm_info["n_components"], "glowip": GLOWIP, "map": MAP,
+                   "posterior": POSTERIOR,
+                   "results": {t: results[t] for t in tasks(shape) if t in results}}
+        write_results(path.stem, payload, meta)
+    write_figure(quick)
 
 
-def write_figure(figure):
+def best_of(row, kind):
+    """The name of the row's best-PSNR method of ``kind`` (posterior methods, scored on fewer
+    patches, are not candidates)."""
+    return max((k for k, v in row.items() if k != "meta" and v["kind"] == kind),
+               key=lambda k: row[k]["psnr"])
+
+
+def write_figure(quick):
+    """results/images.png from the tasks' results/images-figure-TASK.npz: truth / measurement /
+    best classical / best flowsk / posterior std of the first test patch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    suffix = "-quick" if quick else ""
+    figure = {task: np.load(path) for task in tasks((1, 32, 32))
+              if (path := RESULTS / f"images-figure-{task}{suffix}.npz").exists()}
     cols = ("truth", "measurement", "best classical", "best flowsk", "posterior std")
-    fig, axes = plt.subplots(len(figure), 5, figsize=(7.5, 1.6 * len(figure)))
+    fig, axes = plt.subplots(len(figure), 5, figsize=(7.5, 1.6 * len(figure)), squeeze=False)
     for r, (task, f) in enumerate(figure.items()):
+        classical, flowsk = (str(n) for n in f["names"])
         panels = [(f["truth"], "truth"), (f["measurement"], "measurement"),
-                  (f["classical"][1], f["classical"][0]), (f["flowsk"][1], f["flowsk"][0]),
-                  (f["std"], "posterior std")]
+                  (f["classical"], classical), (f["flowsk"], flowsk), (f["std"], "posterior std")]
         for c, (img, label) in enumerate(panels):
             ax = axes[r, c]
-            img = np.asarray(img)
             side = int(round(math.sqrt(img.size)))
             ax.imshow(img.reshape(side, side), cmap="gray", vmin=0, vmax=None if c == 4 else 1)
             ax.set_xticks([])
             ax.set_yticks([])
-            title = label if c in (2, 3) else cols[c]
-            ax.set_title(f"{cols[c]}\n{title}" if r == 0 and c in (2, 3) else title, fontsize=7)
+            ax.set_title(f"{cols[c]}\n{label}" if r == 0 and c in (2, 3) else label, fontsize=7)
             if c == 0:
                 ax.set_ylabel(task, fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "images.png", dpi=120)
+    fig.savefig(RESULTS / f"images{suffix}.png", dpi=120)
     plt.close(fig)
 
 
 # -- tables --------------------------------------------------------------------------------------
 def tables():
     out = {}
-    density = [read_results(path.stem) for path in sorted(RESULTS.glob("images-density*.json"))]
+    density = sorted((read_results(path.stem) for path in RESULTS.glob("images-density*.json")),
+                     key=lambda res: (res["size"], res["meta"]["epochs"]))
     if density:
         rows = []
         for res in density:
@@ -458,36 +488,36 @@ def tables():
         out["density"] = "\n\n".join(lines)
     if (RESULTS / "images-inverse.json").exists():
         res = read_results("images-inverse")
-        rows = []
+        rows, metas = [], {}
         for task, row in res["results"].items():
-            classical = max((k for k, v in row.items() if v["kind"] == "classical"),
-                            key=lambda k: row[k]["psnr"])
-            flowsk = max((k for k, v in row.items() if v["kind"].startswith("flowsk")
-                          and "n_patches" not in v), key=lambda k: row[k]["psnr"])
+            meta = row.pop("meta")
+            metas.setdefault(provenance(meta), []).append(task)
+            classical, flowsk = best_of(row, "classical"), best_of(row, "flowsk")
             cells = [task]
             for name in ("pinv", "gmm-mmse"):
                 cells.append(f"{row[name]['psnr']:.2f} / {row[name]['ssim']:.3f}")
             c = row[classical]
             param = "" if c["param"] is None else f", {edge_flag(c['param'], c['grid'])}"
             cells.append(f"{c['psnr']:.2f} / {c['ssim']:.3f} ({classical}{param})")
-            g = row["glowip"]
-            cells.append(f"{g['psnr']:.2f} / {g['ssim']:.3f} (gamma "
-                         f"{edge_flag(g['param'], g['grid'])})")
-            cells.append(f"{row[flowsk]['psnr'] - c['psnr']:+.2f}")
-            lv = row["langevin"]
-            cells.append(f"{lv['psnr']:.2f} / {lv['coverage90']:.2f}")
+            for name in ("glowip", "map"):
+                g = row[name]
+                cells.append(f"{g['psnr']:.2f} / {g['ssim']:.3f} ({g['tuned']} "
+                             f"{edge_flag(g['param'], g['grid'])})")
+            cells.append(f"{row[flowsk]['psnr'] - c['psnr']:+.2f} ({flowsk})")
+            cells += [f"{row[m]['psnr']:.2f} / {row[m]['coverage90']:.2f}"
+                      for m in POSTERIOR_METHODS]
             rows.append(cells)
         prior = res["prior"]
         out["inverse"] = "\n\n".join([
             markdown_table(["task", "pinv", "GMM posterior mean", "best classical (tuned)",
-                            "flowsk glowip", "flowsk − classical dB",
-                            f"langevin mean PSNR / 90 % coverage ({res['n_posterior']} patches)"],
-                           rows),
+                            "flowsk glowip", "flowsk map", "best flowsk − classical dB"]
+                           + [f"{m} mean PSNR / 90 % coverage ({res['n_posterior']} patches)"
+                              for m in POSTERIOR_METHODS], rows),
             f"PSNR dB / SSIM on {res['n_test']} 32x32 test patches; parameters tuned on "
             f"{res['n_val']} validation patches. Prior: {prior['architecture']} / "
             f"{prior['coupling']}, {prior['n_params']:,} parameters, {prior['epochs']} epochs "
             f"({prior['fit_seconds']:.0f} s); GMM with {res['gmm_components']} components. "
-            + provenance(res["meta"])])
+            + "; ".join(f"{', '.join(t)}: {line}" for line, t in metas.items())])
         names = list(dict.fromkeys(n for row in res["results"].values() for n in row))
         rows = [[task] + [f"{row[n]['psnr']:.2f} / {row[n]['seconds_per_patch']:.2g}"
                           if n in row else "" for n in names]
@@ -505,12 +535,13 @@ def main():
     parser.add_argument("--epochs", type=int, help="density: the epoch budget")
     parser.add_argument("--models", nargs="+",
                         help="density: architecture/coupling[/permutation|rotation], ...")
+    parser.add_argument("--tasks", nargs="+", help="inverse: the tasks to run (default: all)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.part == "density":
         run_density(args.size, args.quick, args.epochs, args.models)
     else:
-        run_inverse(args.quick)
+        run_inverse(args.quick, args.tasks)
 
 
 if __name__ == "__main__":
