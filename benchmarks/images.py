@@ -535,7 +535,8 @@ def main():
     parser.add_argument("--epochs", type=int, help="density: the epoch budget")
     parser.add_argument("--models", nargs="+",
                         help="density: architecture/coupling[/permutation|rotation], ...")
-    parser.add_argument("--tasks", nargs="+", help="inverse: the tasks to run (default: all)")
+    parser.add_argument("--tasks", nargs="+", choices=tuple(tasks((1, 32, 32))),
+                        help="inverse: the tasks to run (default: all)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.part == "density":
