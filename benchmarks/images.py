@@ -365,7 +365,8 @@ def run_inverse(quick, task_names=None):
     prior, prior_info = flow_prior(32, *INVERSE_PRIOR, quick, epochs=INVERSE_EPOCHS)
     gmm, gmm_info = best_gmm(32, quick)
     n_post = 2 if quick else N_POSTERIOR
-    path = RESULTS / f"images-inverse{'-quick' if quick else ''}.json"
+    suffix = "-quick" if quick else ""
+    path = RESULTS / f"images-inverse{suffix}.json"
     for task, (op, noise) in tasks(shape).items():
         if task_names and task not in task_names:
             continue
@@ -413,7 +414,7 @@ def run_inverse(quick, task_names=None):
         results = read_results(path.stem)["results"] if path.exists() else {}
         results[task] = {**row, "meta": meta}
         classical, flowsk = best_of(row, "classical"), best_of(row, "flowsk")
-        np.savez(RESULTS / f"images-figure-{task}{'-quick' if quick else ''}.npz",
+        np.savez(RESULTS / f"images-figure-{task}{suffix}.npz",
                  truth=X_test[0], measurement=_images(op, Y[:1])[0][0],
                  classical=recon[classical][0], flowsk=recon[flowsk][0],
                  std=recon[f"{POSTERIOR_METHODS[-1]}-std"], names=[classical, flowsk])

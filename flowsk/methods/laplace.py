@@ -64,6 +64,6 @@ def laplace(problem, Y, steps, tol=1e-3):
 
 def covariance_factor(H, dtype):
     """Lower-triangular ``L`` with ``L L^T = H^-1``: ``(n, d, d) -> (n, d, d)`` (computed in
-    float64, returned in ``dtype``)."""
-    cov = torch.cholesky_inverse(torch.linalg.cholesky(H.double()))
+    ``H``'s float64, returned in ``dtype``)."""
+    cov = torch.cholesky_inverse(torch.linalg.cholesky(H))
     return torch.linalg.cholesky(cov).to(dtype)
