@@ -29,11 +29,13 @@ importance resampling with Pareto-smoothed weights), computed from the same fitt
   GMM-10 posterior (``benchmarks/inverse.py``'s mixture, draws clipped likewise) is scored the
   same way. Also the PSNR of the draws' mean and the TARP-style joint coverage at 0.9.
 
-Results merge into ``results/calibration.json`` (each part and task replaces its own rows, so
-parts run separately or in parallel). ``--quick`` runs tiny sizes into
-``results/calibration-quick.json``.
+Results merge into ``results/calibration.json`` (each part, task and method replaces its own
+row, and each row keeps its run's provenance, so parts and methods run separately or in
+parallel). ``--methods`` runs some methods only (the rank figures stay those of the last run
+of all methods). ``--quick`` runs tiny sizes into ``results/calibration-quick.json``.
 
-    python benchmarks/calibration.py --part sbc|gaussian|digits [--tasks ...] [--quick]
+    python benchmarks/calibration.py --part sbc|gaussian|digits [--tasks ...] [--methods ...]
+                                     [--quick]
 """
 import argparse
 import fcntl
@@ -172,14 +174,15 @@ def pareto_warnings(solver):
 
 
 # -- SBC on the digits prior -----------------------------------------------------------------
-def run_sbc(tasks, quick):
+def run_sbc(tasks, methods, quick):
     X_fit, _, _, shape = digits_split()
     prior, _ = digits_prior(X_fit, quick, **PRIOR)
     n_sim, n_draws = (QUICK["n_sim"], QUICK["n_draws"]) if quick else (N_SIM, N_DRAWS)
     rows = {}
     for task in tasks:
         op, noise = demo_tasks(shape)[task]
-        solvers, fits = make_solvers(prior, op, noise, SBC_METHODS, quick, f"amortized-{task}")
+        solvers, fits = make_solvers(prior, op, noise, methods or SBC_METHODS, quick,
+                                     f"amortized-{task}")
         row, ranks_of = {}, {}
         for name, solver in solvers.items():
             start = time.process_time()
@@ -193,7 +196,8 @@ def run_sbc(tasks, quick):
             ranks_of[name] = R
             print(task, name, row[name], flush=True)
         rows[task] = row
-        rank_figure(ranks_of, n_draws, task, quick)
+        if not methods:  # a run of some methods leaves the full run's figure
+            rank_figure(ranks_of, n_draws, task, quick)
     return rows
 
 
@@ -234,7 +238,7 @@ def importance_reference(flow, A, noise, Y, n_draws, seed=0, chunk=500_000):
     return np.array(mean), np.array(std), np.array(ess)
 
 
-def run_gaussian(quick):
+def run_gaussian(methods, quick):
     rng = np.random.RandomState(0)
     d = 4
     mu, B = rng.normal(size=d), rng.normal(size=(d, d))
@@ -248,7 +252,7 @@ def run_gaussian(quick):
     Y = op.measure(rng.multivariate_normal(mu, cov, 10), noise_std=noise, random_state=1)
     n_is = QUICK["n_is"] if quick else N_IS
     mean, std, ess = importance_reference(prior.flow_, A, noise, Y, n_is)
-    solvers, fits = make_solvers(prior, op, noise, METHOD_NAMES, quick)
+    solvers, fits = make_solvers(prior, op, noise, methods or METHOD_NAMES, quick)
     rows = {}
     for name, solver in solvers.items():
         start = time.process_time()
@@ -303,13 +307,13 @@ def score(X, S):
             "psnr_mean": float(psnr(X, S.mean(1)).mean())}
 
 
-def run_digits(tasks, quick):
+def run_digits(tasks, methods, quick):
     X_fit, _, X_test, shape = digits_split()
     prior, _ = digits_prior(X_fit, quick, **PRIOR)
     gmm = digits_gmm(X_fit)
     n, n_draws = (QUICK["n_digits"], QUICK["n_draws"]) if quick else (N_DIGITS, N_DRAWS)
     X = X_test[:n]
-    names = DIGIT_METHODS
+    names = methods or DIGIT_METHODS
     rows = {}
     for task in tasks:
         op, noise = demo_tasks(shape)[task]
@@ -333,7 +337,8 @@ def run_digits(tasks, quick):
 
 # -- results and tables ----------------------------------------------------------------------
 def merge(part, rows, meta, quick):
-    """Merge ``rows`` (by task, or the whole part for ``gaussian``) into the results file."""
+    """Merge ``rows`` (by task and method; by method for ``gaussian``) into the results file;
+    each method's row keeps its run's ``meta``."""
     import os
     name = "calibration-quick" if quick else "calibration"
     meta = {**meta, "load_average_end": round(os.getloadavg()[0], 2)}
@@ -343,10 +348,15 @@ def merge(part, rows, meta, quick):
         old = read_results(name) if (RESULTS / f"{name}.json").exists() else {}
         payload = {k: v for k, v in old.items() if k != "meta"}
         if part == "gaussian":
-            payload[part] = {**rows, "meta": meta}
+            old_part = payload.get(part, {})
+            payload[part] = {**rows, "methods": {
+                **old_part.get("methods", {}),
+                **{m: {**r, "meta": meta} for m, r in rows["methods"].items()}}}
         else:
-            payload[part] = {**payload.get(part, {}),
-                             **{task: {**row, "meta": meta} for task, row in rows.items()}}
+            old_part = payload.get(part, {})
+            payload[part] = {**old_part, **{
+                task: {**old_part.get(task, {}), **{m: {**r, "meta": meta} for m, r in row.items()}}
+                for task, row in rows.items()}}
         path = write_results(name, payload, meta)
     print(f"wrote {path}")
 
@@ -359,15 +369,25 @@ def _p(value):
     return f"{value:.2g}" if value >= 0.01 else f"**{value:.0e}**"
 
 
-def _provenances(part, tasks):
-    """One provenance line per run that measured some of ``tasks`` (each task keeps its run's
-    meta), naming the tasks when there is more than one run."""
+def _provenances(part, tasks, names):
+    """One provenance line per run that measured some of ``tasks`` x ``names`` (each method's
+    row keeps its run's meta), naming what it measured when there is more than one run."""
     runs = {}
     for task in tasks:
-        runs.setdefault(provenance(part[task]["meta"]), []).append(task)
+        for name in names:
+            line = provenance(part[task][name]["meta"])
+            runs.setdefault(line, {}).setdefault(task, []).append(name)
     if len(runs) == 1:
         return next(iter(runs))
-    return " ".join(f"{', '.join(ts)}: {line}" for line, ts in runs.items())
+
+    def label(task, done):  # the task, or the task and its methods, or the methods alone
+        if len(done) == len(names):
+            return task
+        methods = ", ".join(f"`{n}`" for n in done)
+        return f"{task} ({methods})" if task else methods
+
+    return " ".join("; ".join(label(t, ns) for t, ns in done.items()) + f": {line}"
+                    for line, done in runs.items())
 
 
 def tables(name="calibration"):
@@ -386,31 +406,35 @@ def tables(name="calibration"):
                      for t in tasks]
             cpu = np.mean([sbc[t][m]["cpu_seconds_per_obs"] for t in tasks])
             rows.append([f"`{m}`", *cells, _f(cpu, 3)])
-        def ratio(a, b):
-            return np.mean([sbc[t][a]["sample_cpu_seconds"] / sbc[t][b]["sample_cpu_seconds"]
-                            for t in tasks if a in sbc[t] and b in sbc[t]])
 
-        meta = sbc[tasks[0]]["meta"]
+        def ratio(a, b):  # mean over the tasks of the CPU time ratio at equal draws
+            return np.mean([sbc[t][a]["sample_cpu_seconds"] / sbc[t][b]["sample_cpu_seconds"]
+                            for t in tasks])
+
+        ratios = ", ".join(f"`{a}` / `{b}` {ratio(a, b):.2f}x" for a, b in (
+            ("mala", "langevin"), ("hmc", "mala"))
+            if a in names and b in names)
+        meta = sbc[tasks[0]][names[0]]["meta"]
         out["sbc"] = (markdown_table(["method", *[f"{t}: 90 % cov. / p" for t in tasks],
                                       "CPU s / obs."], rows)
-                      + f"\n\nCPU time at equal draws: `mala` / `langevin` "
-                      f"{ratio('mala', 'langevin'):.2f}x, `hmc` / `mala` "
-                      f"{ratio('hmc', 'mala'):.1f}x; "
+                      + f"\n\nCPU time at equal draws: {ratios}; "
                       f"{meta['n_sim']} simulations of {meta['n_draws']} draws per task. "
-                      + _provenances(sbc, tasks) + "\n")
+                      + _provenances(sbc, tasks, names) + "\n")
         levels = [[f"`{m}`", *[_f(np.mean([sbc[t][m]["coverage"][str(level)] for t in tasks]),
                                   3) for level in LEVELS]] for m in names]
         out["sbc_levels"] = markdown_table(["method", *[f"{level:g}" for level in LEVELS]],
                                            levels) + "\n"
     if "gaussian" in results:
         g = results["gaussian"]
-        rows = [[f"`{m}`", _f(r["mean_error_std"]), f"{100 * r['std_error']:.0f} %",
-                 _f(r["cpu_seconds_per_obs"], 3)] for m, r in g["methods"].items()]
+        names = [m for m in METHOD_NAMES if m in g["methods"]]
+        rows = [[f"`{m}`", _f(g["methods"][m]["mean_error_std"]),
+                 f"{100 * g['methods'][m]['std_error']:.0f} %",
+                 _f(g["methods"][m]["cpu_seconds_per_obs"], 3)] for m in names]
         out["gaussian"] = (markdown_table(["method", "worst mean error (posterior std)",
                                            "worst std error", "CPU s / obs."], rows)
                            + f"\n\nReference: {g['importance_draws']:,} prior draws, smallest "
                            f"effective sample size {g['ess_min']:,.0f}. "
-                           + provenance(g["meta"]) + "\n")
+                           + _provenances({"": g["methods"]}, [""], names) + "\n")
     digits = results.get("digits", {})
     tasks = [t for t in TASKS if t in digits]
     if tasks:
@@ -424,7 +448,7 @@ def tables(name="calibration"):
             psnr_rows.append([label, *[f"{digits[t][m]['psnr_mean']:.2f} / "
                                        f"{digits[t][m]['joint90']:.2f}" for t in tasks]])
         out["digits"] = (markdown_table(["method", *tasks, "CPU s / obs."], rows) + "\n\n"
-                         + _provenances(digits, tasks) + "\n")
+                         + _provenances(digits, tasks, names) + "\n")
         out["digits_psnr"] = markdown_table(["method", *tasks], psnr_rows) + "\n"
     return out
 
@@ -433,6 +457,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", choices=("sbc", "gaussian", "digits"), required=True)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
+    parser.add_argument("--methods", nargs="+", default=None,
+                        choices=sorted(set(SBC_METHODS) | set(DIGIT_METHODS)),
+                        help="run only these methods, merging their rows into the results")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -440,11 +467,11 @@ def main():
                                       "n_digits": N_DIGITS, "n_is": N_IS}
     meta = metadata(seed=0, **{k: sizes[k] for k in ("n_sim", "n_draws", "n_digits", "n_is")})
     if args.part == "gaussian":
-        merge(args.part, run_gaussian(args.quick), meta, args.quick)
+        merge(args.part, run_gaussian(args.methods, args.quick), meta, args.quick)
     else:  # task by task, so that an interrupted run keeps the tasks done
         run = run_sbc if args.part == "sbc" else run_digits
         for task in args.tasks or (SBC_TASKS if args.part == "sbc" else TASKS):
-            merge(args.part, run([task], args.quick), meta, args.quick)
+            merge(args.part, run([task], args.methods, args.quick), meta, args.quick)
     for table in tables("calibration-quick" if args.quick else "calibration").values():
         print(table)
 
