@@ -10,6 +10,7 @@ packages (zuko, normflows, bm3d, dask) are imported inside functions, so ``table
 with the test extra alone.
 """
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -75,6 +76,19 @@ def write_results(name, payload, meta):
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"meta": meta, **payload}, indent=1) + "\n")
     return path
+
+
+def update_results(name, update, meta):
+    """Read, change and write ``results/NAME.json`` under a file lock, so that processes
+    running parts of one benchmark at once keep each other's rows: ``update(payload) ->
+    payload`` gets the file's payload (without its ``meta``; ``{}`` when there is no file),
+    and the new payload is written with ``meta``. Returns the path."""
+    RESULTS.mkdir(exist_ok=True)
+    with open(RESULTS / f".{name}.tmp", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = read_results(name) if (RESULTS / f"{name}.json").exists() else {}
+        old.pop("meta", None)
+        return write_results(name, update(old), meta)
 
 
 def read_results(name):

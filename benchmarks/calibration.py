@@ -38,7 +38,6 @@ of all methods). ``--quick`` runs tiny sizes into ``results/calibration-quick.js
                                      [--quick]
 """
 import argparse
-import fcntl
 import time
 import warnings
 
@@ -52,7 +51,7 @@ from _common import (
     provenance,
     read_results,
     training_code,
-    write_results,
+    update_results,
 )
 from inverse import dense, digits_gmm, digits_prior, digits_split
 
@@ -340,24 +339,20 @@ def merge(part, rows, meta, quick):
     """Merge ``rows`` (by task and method; by method for ``gaussian``) into the results file;
     each method's row keeps its run's ``meta``."""
     import os
-    name = "calibration-quick" if quick else "calibration"
     meta = {**meta, "load_average_end": round(os.getloadavg()[0], 2)}
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / f".{name}.tmp", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        old = read_results(name) if (RESULTS / f"{name}.json").exists() else {}
-        payload = {k: v for k, v in old.items() if k != "meta"}
+
+    def stamped(row):
+        return {m: {**r, "meta": meta} for m, r in row.items()}
+
+    def update(payload):
+        old = payload.get(part, {})
         if part == "gaussian":
-            old_part = payload.get(part, {})
-            payload[part] = {**rows, "methods": {
-                **old_part.get("methods", {}),
-                **{m: {**r, "meta": meta} for m, r in rows["methods"].items()}}}
+            new = {**rows, "methods": {**old.get("methods", {}), **stamped(rows["methods"])}}
         else:
-            old_part = payload.get(part, {})
-            payload[part] = {**old_part, **{
-                task: {**old_part.get(task, {}), **{m: {**r, "meta": meta} for m, r in row.items()}}
-                for task, row in rows.items()}}
-        path = write_results(name, payload, meta)
+            new = {**old, **{t: {**old.get(t, {}), **stamped(row)} for t, row in rows.items()}}
+        return {**payload, part: new}
+
+    path = update_results("calibration-quick" if quick else "calibration", update, meta)
     print(f"wrote {path}")
 
 
@@ -417,8 +412,8 @@ def tables(name="calibration"):
         meta = sbc[tasks[0]][names[0]]["meta"]
         out["sbc"] = (markdown_table(["method", *[f"{t}: 90 % cov. / p" for t in tasks],
                                       "CPU s / obs."], rows)
-                      + f"\n\nCPU time at equal draws: {ratios}; "
-                      f"{meta['n_sim']} simulations of {meta['n_draws']} draws per task. "
+                      + "\n\n" + (f"CPU time at equal draws: {ratios}; " if ratios else "")
+                      + f"{meta['n_sim']} simulations of {meta['n_draws']} draws per task. "
                       + _provenances(sbc, tasks, names) + "\n")
         levels = [[f"`{m}`", *[_f(np.mean([sbc[t][m]["coverage"][str(level)] for t in tasks]),
                                   3) for level in LEVELS]] for m in names]

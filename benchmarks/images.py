@@ -51,6 +51,7 @@ from _common import (
     provenance,
     read_results,
     training_code,
+    update_results,
     write_results,
 )
 
@@ -366,7 +367,6 @@ def run_inverse(quick, task_names=None):
     gmm, gmm_info = best_gmm(32, quick)
     n_post = 2 if quick else N_POSTERIOR
     suffix = "-quick" if quick else ""
-    path = RESULTS / f"images-inverse{suffix}.json"
     for task, (op, noise) in tasks(shape).items():
         if task_names and task not in task_names:
             continue
@@ -410,23 +410,24 @@ def run_inverse(quick, task_names=None):
                            "kind": "flowsk-posterior", "n_patches": n_post,
                            "coverage90": coverage(X_test[:n_post], S)}
             recon[f"{method}-std"] = S[0].std(0)
-        # merged with the rows other processes may have written meanwhile
-        results = read_results(path.stem)["results"] if path.exists() else {}
-        results[task] = {**row, "meta": meta}
         classical, flowsk = best_of(row, "classical"), best_of(row, "flowsk")
         np.savez(RESULTS / f"images-figure-{task}{suffix}.npz",
                  truth=X_test[0], measurement=_images(op, Y[:1])[0][0],
                  classical=recon[classical][0], flowsk=recon[flowsk][0],
                  std=recon[f"{POSTERIOR_METHODS[-1]}-std"], names=[classical, flowsk])
         print(task, {k: round(v["psnr"], 2) for k, v in row.items()}, flush=True)
-        payload = {"n_test": len(X_test), "n_val": len(X_val), "n_posterior": n_post,
-                   "prior": {"architecture": INVERSE_PRIOR[0], "coupling": INVERSE_PRIOR[1],
-                             "n_params": n_params(prior.flow_), "epochs": prior.max_epochs,
-                             **prior_info},
-                   "gmm_components": gmm_info["n_components"], "glowip": GLOWIP, "map": MAP,
-                   "posterior": POSTERIOR,
-                   "results": {t: results[t] for t in tasks(shape) if t in results}}
-        write_results(path.stem, payload, meta)
+
+        def update(payload, task=task, row=row):  # keeps the rows other processes wrote
+            results = {**payload.get("results", {}), task: {**row, "meta": meta}}
+            return {"n_test": len(X_test), "n_val": len(X_val), "n_posterior": n_post,
+                    "prior": {"architecture": INVERSE_PRIOR[0], "coupling": INVERSE_PRIOR[1],
+                              "n_params": n_params(prior.flow_), "epochs": prior.max_epochs,
+                              **prior_info},
+                    "gmm_components": gmm_info["n_components"], "glowip": GLOWIP, "map": MAP,
+                    "posterior": POSTERIOR,
+                    "results": {t: results[t] for t in tasks(shape) if t in results}}
+
+        update_results(f"images-inverse{suffix}", update, meta)
     write_figure(quick)
 
 
