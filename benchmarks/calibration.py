@@ -72,17 +72,18 @@ from flowsk.operators import CompressedSensing
 PRIOR = {"name": "prior-digits-posterior", "weight_decay": 1e-4, "learning_rate": 3e-4}
 SBC_TASKS = ("denoise", "inpaint", "cs16")
 TASKS = ("denoise", "inpaint", "cs16", "deblur", "sr2")
-METHOD_NAMES = ("mala", "hmc", "langevin", "pl-mcmc", "vi", "vi+is", "amortized-vi",
+METHOD_NAMES = ("mala", "hmc", "smc", "langevin", "pl-mcmc", "vi", "vi+is", "amortized-vi",
                 "ambient-vi")
-SBC_METHODS = ("mala", "hmc", "langevin", "pl-mcmc", "vi", "vi+is", "amortized-vi")
+SBC_METHODS = ("mala", "hmc", "smc", "langevin", "pl-mcmc", "vi", "vi+is", "amortized-vi")
 #: for time, ``ambient-vi`` runs in the Gaussian part only, ``hmc`` and ``pl-mcmc`` also in SBC
-DIGIT_METHODS = ("mala", "langevin", "vi", "vi+is", "amortized-vi")
+DIGIT_METHODS = ("mala", "smc", "langevin", "vi", "vi+is", "amortized-vi")
 N_SIM, N_DRAWS, N_DIGITS, N_IS, IMPORTANCE = 200, 99, 40, 4_000_000, 1000
 QUICK = {"n_sim": 20, "n_draws": 19, "n_digits": 10, "n_is": 200_000,
          "params": {"vi": {"n_iter": 20}, "ambient-vi": {"n_iter": 20},
                     "amortized-vi": {"method_params": {"n_iter": 2, "n_simulations": 1000}},
                     "mala": {"method_params": {"burn_in": 20}},
                     "hmc": {"method_params": {"burn_in": 10}},
+                    "smc": {"method_params": {"n_moves": 2, "n_particles": 32}},
                     "langevin": {"method_params": {"burn_in": 20}},
                     "pl-mcmc": {"method_params": {"burn_in": 20}}}}
 
@@ -204,7 +205,7 @@ def rank_figure(ranks_of, n_draws, task, quick):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = [n for n in ("mala", "hmc", "langevin", "vi", "vi+is") if n in ranks_of]
+    names = [n for n in ("mala", "hmc", "smc", "langevin", "vi", "vi+is") if n in ranks_of]
     fig, axes = plt.subplots(len(names), 2, figsize=(8, 2.3 * len(names)), squeeze=False)
     for name, ax in zip(names, axes):
         plot_ranks(ranks_of[name], n_draws, title=f"{task}: {name}", axes=ax)
@@ -407,7 +408,7 @@ def tables(name="calibration"):
                             for t in tasks])
 
         ratios = ", ".join(f"`{a}` / `{b}` {ratio(a, b):.2f}x" for a, b in (
-            ("mala", "langevin"), ("hmc", "mala"))
+            ("mala", "langevin"), ("hmc", "mala"), ("smc", "mala"))
             if a in names and b in names)
         meta = sbc[tasks[0]][names[0]]["meta"]
         out["sbc"] = (markdown_table(["method", *[f"{t}: 90 % cov. / p" for t in tasks],

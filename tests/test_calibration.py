@@ -1,4 +1,4 @@
-"""The exact samplers (``mala``, ``hmc``, ``pl-mcmc``), ``langevin``'s step and ``vi``'s
+"""The exact samplers (``mala``, ``hmc``, ``pl-mcmc``, ``smc``), ``langevin``'s step and ``vi``'s
 importance resampling: against brute-force references on a bounded prior whose posterior is
 not Gaussian, and simulation-based calibration."""
 import sys
@@ -14,6 +14,7 @@ from flowsk import InverseSolver
 from flowsk.diagnostics import rank_coverage, rank_uniformity, sbc_ranks
 from flowsk.methods.base import Problem
 from flowsk.methods.mcmc import _DualAveraging, _Target
+from flowsk.methods.smc import effective_sample_size, next_beta, systematic_resample
 from flowsk.operators import CompressedSensing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -63,6 +64,57 @@ def test_mcmc_matches_a_non_gaussian_posterior(bounded, method, params, mean_tol
                           method_params={"n_chains": 200, **params}).sample_posterior(Y, 4000)
     assert (np.abs(draws.mean(1) - mean) / std).max() < mean_tol
     np.testing.assert_allclose(draws.std(1), std, rtol=std_tol)
+
+
+@pytest.mark.parametrize("params", [{}, {"preconditioner": "identity"}, {"kernel": "mala"},
+                                    {"kernel": "mala", "n_moves": 1}])
+def test_smc_matches_a_non_gaussian_posterior(bounded, params):
+    """The same posteriors, from 4000 particles tempered from the prior (with one short move
+    per stage the reweighting and resampling, not the moves, carry them there)."""
+    prior, op, Y, mean, std = bounded
+    draws = InverseSolver(prior, op, method="smc", sigma=SIGMA, random_state=0,
+                          method_params={"n_particles": 4000, **params}
+                          ).sample_posterior(Y, 4000)
+    assert np.isfinite(draws).all()
+    assert (np.abs(draws.mean(1) - mean) / std).max() < 0.1
+    np.testing.assert_allclose(draws.std(1), std, rtol=0.1)
+
+
+def test_next_beta_keeps_the_effective_sample_size_at_its_fraction():
+    """Log-likelihoods ``-k``, ``k = 0..N-1``: the chosen step's weights have an effective
+    sample size of half the particles (brute force over a fine grid of steps); an
+    observation whose weights stay even up to ``beta = 1`` goes there in one stage."""
+    log_lik = torch.stack([-torch.arange(100.0), torch.zeros(100)])
+    beta = next_beta(torch.tensor([0.2, 0.3]), log_lik, 0.5)
+    assert beta[1] == 1.0
+    grid = torch.linspace(0, 0.8, 80001)
+    ess = torch.stack([effective_sample_size(g * log_lik[:1])[0] for g in grid])
+    assert beta[0].item() - 0.2 == pytest.approx(grid[ess >= 50].max().item(), abs=2e-5)
+    assert effective_sample_size((beta[0] - 0.2) * log_lik[:1]).item() == pytest.approx(50,
+                                                                                     rel=1e-3)
+
+
+def test_smc_stops_with_an_error_where_the_tempering_does_not_finish(setup_gaussian,
+                                                                     monkeypatch):
+    """At ``sigma = 0.01`` one stage cannot reach ``beta = 1`` with half the particles kept."""
+    import flowsk.methods.smc as smc
+    prior, op, Y = setup_gaussian
+    monkeypatch.setattr(smc, "MAX_STAGES", 1)
+    solver = InverseSolver(prior, op, method="smc", sigma=0.01, random_state=0)
+    with pytest.raises(RuntimeError, match="after 1 stages"):
+        solver.sample_posterior(Y, 4)
+    monkeypatch.setattr(smc, "MAX_STAGES", 1000)
+    assert np.isfinite(solver.sample_posterior(Y, 4)).all()
+
+
+def test_systematic_resampling_gives_each_particle_floor_or_ceil_of_its_share():
+    """Each particle is drawn ``floor(N w)`` or ``ceil(N w)`` times, ``N`` in all."""
+    w = torch.distributions.Dirichlet(torch.ones(50)).sample((20,))
+    idx = systematic_resample(torch.log(w), torch.Generator().manual_seed(0))
+    counts = torch.stack([torch.bincount(row, minlength=50) for row in idx]).double()
+    share = 50 * w.double()
+    assert ((counts >= share.floor() - 1e-9) & (counts <= share.ceil() + 1e-9)).all()
+    assert (counts.sum(1) == 50).all()
 
 
 def test_importance_resampling_corrects_vi(bounded):
@@ -168,6 +220,28 @@ def test_sbc_of_mala_on_a_bounded_prior(bounded):
     R = sbc_ranks(solver, 600, 99, random_state=0)
     assert rank_uniformity(R, 99) > 0.01
     assert rank_coverage(R, 99, (0.9,))[0] == pytest.approx(0.9, abs=0.025)
+
+
+@pytest.mark.slow
+def test_sbc_of_smc_on_a_bounded_prior(bounded):
+    """The same check for ``smc``: 99 distinct particles of 99 per observation."""
+    prior, op, *_ = bounded
+    solver = InverseSolver(prior, op, method="smc", sigma=SIGMA, random_state=0,
+                           method_params={"n_particles": 99})
+    R = sbc_ranks(solver, 600, 99, random_state=0)
+    assert rank_uniformity(R, 99) > 0.01
+    assert rank_coverage(R, 99, (0.9,))[0] == pytest.approx(0.9, abs=0.025)
+
+
+@pytest.mark.parametrize("params,n_samples", [
+    ({"n_particles": 1}, 1), ({"n_moves": 0}, 4), ({"ess_fraction": 1.0}, 4),
+    ({"kernel": "nuts"}, 4), ({"n_leapfrog": 0}, 4), ({"preconditioner": "banana"}, 4),
+    ({"n_particles": 8}, 9)])
+def test_bad_smc_params(setup_gaussian, params, n_samples):
+    prior, op, Y = setup_gaussian
+    with pytest.raises(ValueError):
+        InverseSolver(prior, op, method="smc", method_params=params).sample_posterior(
+            Y, n_samples)
 
 
 @pytest.mark.parametrize("method,params", [

@@ -18,7 +18,7 @@ from flowsk.nn.multiscale import Logit
 from flowsk.operators import CompressedSensing, FunctionOperator, Inpainting
 
 N = 6
-POSTERIOR = ("vi", "ambient-vi", "amortized-vi", "langevin", "mala", "hmc", "pl-mcmc")
+POSTERIOR = ("vi", "ambient-vi", "amortized-vi", "langevin", "mala", "hmc", "pl-mcmc", "smc")
 # settings that make each method accurate on the 6-dimensional Gaussian problem
 ACCURATE = {
     "vi": dict(n_iter=300),
@@ -38,6 +38,8 @@ ACCURATE = {
                                    preconditioner="identity")),
     "pl-mcmc": dict(method_params=dict(burn_in=300, thin=4, n_chains=200,
                                        preconditioner="identity")),
+    # prior draws tempered to the posterior; the Laplace preconditioner is exact here
+    "smc": dict(method_params=dict(n_particles=4000, preconditioner="identity")),
 }
 # tiny settings for API checks
 QUICK = {
@@ -49,6 +51,7 @@ QUICK = {
     "mala": dict(method_params=dict(burn_in=5, thin=1)),
     "hmc": dict(method_params=dict(burn_in=5, thin=1, n_leapfrog=2)),
     "pl-mcmc": dict(method_params=dict(burn_in=5, thin=1)),
+    "smc": dict(method_params=dict(n_particles=16, n_moves=1, n_leapfrog=2)),
 }
 
 
@@ -111,7 +114,7 @@ def _solver(prior, op, method, settings, **kw):
 @pytest.mark.parametrize("method,mean_tol,std_tol", [
     ("vi", 0.1, 0.1), ("vi-from-prior", 0.1, 0.1), ("ambient-vi", 0.15, 0.1),
     ("amortized-vi", 0.2, 0.15), ("langevin", 0.2, 0.15), ("mala", 0.1, 0.1),
-    ("hmc", 0.1, 0.1), ("pl-mcmc", 0.2, 0.1)])
+    ("hmc", 0.1, 0.1), ("pl-mcmc", 0.2, 0.1), ("smc", 0.1, 0.1)])
 def test_matches_the_gaussian_posterior(setup, method, mean_tol, std_tol):
     """Mean within ``mean_tol`` posterior stds, per-feature std within ``std_tol`` relative."""
     prior, op, A, Y = setup
@@ -192,7 +195,7 @@ def test_amortized_vi_drops_simulations_that_overflow():
     assert np.isfinite(mean).all() and np.isfinite(std).all()
 
 
-@pytest.mark.parametrize("method", ["langevin", "pl-mcmc"])
+@pytest.mark.parametrize("method", ["langevin", "pl-mcmc", "smc"])
 def test_chains_stay_where_the_posterior_is_finite(method):
     """With the operator NaN beyond |x| = 1.5 (as a flow that overflows), prior draws start
     some chains there and steps near the edge cross it. Such starts are redrawn and such steps
@@ -205,12 +208,21 @@ def test_chains_stay_where_the_posterior_is_finite(method):
     Y = np.stack([mu, np.full(N, 1.4)])
     sigma = 0.2
     settings = {"langevin": dict(step_size=0.01, burn_in=200, thin=2, n_chains=100),
-                "pl-mcmc": dict(step_size=0.1, burn_in=300, thin=4, n_chains=100)}[method]
+                "pl-mcmc": dict(step_size=0.1, burn_in=300, thin=4, n_chains=100),
+                "smc": dict(n_particles=2000)}[method]
     draws = InverseSolver(prior, op, method=method, sigma=sigma, method_params=settings,
                           random_state=0).sample_posterior(Y, n_samples=2000)
     assert np.isfinite(draws).all() and (np.abs(draws) < 1.5).all()
     expected, std = exact_posterior(prior, np.eye(N), Y[:1], sigma)
     assert (np.abs(draws[0].mean(0) - expected[0]) / std).max() < 0.2
+
+
+def test_smc_raises_where_no_prior_draw_has_a_finite_likelihood():
+    prior = gaussian_prior()
+    op = FunctionOperator(lambda x: x + torch.log(-x.abs()), N)
+    solver = InverseSolver(prior, op, method="smc", method_params={"preconditioner": "identity"})
+    with pytest.raises(FloatingPointError, match="no prior draw .* for 2 of 2 observations"):
+        solver.sample_posterior(np.zeros((2, N)), 4)
 
 
 @pytest.mark.parametrize("preconditioner", ["laplace", "identity"])
@@ -382,7 +394,7 @@ def _logit_operator(n_observed):
 
 
 @pytest.mark.parametrize("method", ["vi", "vi-from-prior", "langevin", "mala", "hmc",
-                                    "pl-mcmc"])
+                                    "pl-mcmc", "smc"])
 def test_bounded_prior_matches_its_closed_form_posterior(method):
     """A prior with ``data_range`` measured through its logit: the logit ``u`` of the signal
     has a Gaussian posterior, and every feature's posterior CDF is that of ``u`` mapped by the

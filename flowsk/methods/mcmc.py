@@ -62,12 +62,13 @@ from .laplace import covariance_factor, laplace
 
 class _Target:
     """The log-posterior of one batch of chains in whitened coordinates ``w (B, d)``:
-    ``z = z0 + L w`` per observation (``L`` None: ``z = w``); ``B = n * n_chains``."""
+    ``z = z0 + L w`` per observation (``L`` None: ``z = w``); ``B = n * n_chains``. ``beta``
+    (a number or ``(B,)``) tempers the data term: ``log N(z; 0, I) + beta log p(y | z)``."""
 
-    def __init__(self, problem, Y, n_chains, z0=None, L=None):
+    def __init__(self, problem, Y, n_chains, z0=None, L=None, beta=1.0):
         self.problem, self.Y, self.c = problem, Y, n_chains
         self.y = Y.repeat_interleave(n_chains, 0)
-        self.z0, self.L = z0, L
+        self.z0, self.L, self.beta = z0, L, beta
 
     def z(self, w):
         if self.L is None:
@@ -79,10 +80,13 @@ class _Target:
     def residual(self, w):
         return self.problem.operator(self.problem.flow.inverse(self.z(w))[0]) - self.y
 
+    def log_likelihood(self, w):
+        """``(B, d) -> (B,)``, ``-||A(G(z)) - y||^2 / (2 sigma^2)``."""
+        return -sum_squares(self.residual(w)) / (2 * self.problem.params["sigma"] ** 2)
+
     def log_p(self, w):
         """``(B, d) -> (B,)``, the unnormalised log-posterior."""
-        sigma = self.problem.params["sigma"]
-        return -0.5 * sum_squares(self.z(w)) - sum_squares(self.residual(w)) / (2 * sigma ** 2)
+        return -0.5 * sum_squares(self.z(w)) + self.beta * self.log_likelihood(w)
 
     def log_p_and_grad(self, w):
         """``(log p (B,), grad (B, d))``; ``log p`` is ``-inf`` where either is not finite."""
