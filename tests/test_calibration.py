@@ -224,7 +224,7 @@ def test_sbc_of_mala_on_a_bounded_prior(bounded):
 
 @pytest.mark.slow
 def test_sbc_of_smc_on_a_bounded_prior(bounded):
-    """The same check for ``smc``: 99 distinct particles of 99 per observation."""
+    """The same check for ``smc``: all 99 particles of each observation are its draws."""
     prior, op, *_ = bounded
     solver = InverseSolver(prior, op, method="smc", sigma=SIGMA, random_state=0,
                            method_params={"n_particles": 99})
@@ -233,13 +233,14 @@ def test_sbc_of_smc_on_a_bounded_prior(bounded):
     assert rank_coverage(R, 99, (0.9,))[0] == pytest.approx(0.9, abs=0.025)
 
 
-@pytest.mark.parametrize("params,n_samples", [
-    ({"n_particles": 1}, 1), ({"n_moves": 0}, 4), ({"ess_fraction": 1.0}, 4),
-    ({"kernel": "nuts"}, 4), ({"n_leapfrog": 0}, 4), ({"preconditioner": "banana"}, 4),
-    ({"n_particles": 8}, 9)])
-def test_bad_smc_params(setup_gaussian, params, n_samples):
+@pytest.mark.parametrize("params,n_samples,match", [
+    ({"n_particles": 1}, 1, "n_particles"), ({"n_moves": 0}, 4, "n_moves"),
+    ({"ess_fraction": 1.0}, 4, "ess_fraction"), ({"kernel": "nuts"}, 4, "kernel"),
+    ({"n_leapfrog": 0}, 4, "n_leapfrog"), ({"preconditioner": "banana"}, 4, "preconditioner"),
+    ({"n_particles": 8}, 9, "at most n_particles")])
+def test_bad_smc_params(setup_gaussian, params, n_samples, match):
     prior, op, Y = setup_gaussian
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=match):
         InverseSolver(prior, op, method="smc", method_params=params).sample_posterior(
             Y, n_samples)
 

@@ -19,10 +19,9 @@ prior to the posterior through the tempered targets
 Unlike the chains of :mod:`.mcmc`, which start near the MAP point, the particles start as
 prior draws: where the posterior has several modes, or the measurements pin the signal to a
 thin curved set of latents, the particles reach them through the tempering rather than through
-the chains' mixing, and the ``n_samples`` draws are distinct particles, not correlated
-states of a few chains. Prior draws where the likelihood is not
-finite (the generator overflows) are redrawn, ten times at most; those left have zero weight
-and the first resampling drops them.
+the chains' mixing, and the ``n_samples`` draws are separate particles, not correlated states
+of a few chains. Prior draws where the likelihood is not finite (the generator overflows) are
+redrawn, ten times at most; those left have zero weight and the first resampling drops them.
 
 Preconditioning. With ``preconditioner="laplace"`` the Gauss-Newton Hessian ``H`` of the
 untempered posterior at its MAP point (:mod:`.laplace`) gives each stage the coordinates
@@ -34,8 +33,8 @@ kernel's target rate (0.8 for ``hmc``, 0.574 for ``mala``); the step carries ove
 to stage.
 
 Cost: about ``T * n_moves * n_leapfrog`` gradient evaluations per particle (one per move for
-``mala``) over ``T`` stages; ``T`` grows
-with what the measurements tell about the signal (small ``sigma``, many measurements).
+``mala``) over ``T`` stages; ``T`` grows with what the measurements tell about the signal
+(small ``sigma``, many measurements).
 """
 import torch
 from tqdm.auto import tqdm
