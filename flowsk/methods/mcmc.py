@@ -62,7 +62,8 @@ from .laplace import covariance_factor, laplace
 
 class _Target:
     """The log-posterior of one batch of chains in whitened coordinates ``w (B, d)``:
-    ``z = z0 + L w`` per observation (``L`` None: ``z = w``); ``B = n * n_chains``. ``beta``
+    ``z = z0 + L w`` per observation (``L`` None: ``z = w``; ``z0`` None: no shift);
+    ``B = n * n_chains``. ``beta``
     (a number or ``(B,)``) tempers the data term: ``log N(z; 0, I) + beta log p(y | z)``."""
 
     def __init__(self, problem, Y, n_chains, z0=None, L=None, beta=1.0):
@@ -74,8 +75,8 @@ class _Target:
         if self.L is None:
             return w
         n, d = len(self.Y), w.shape[1]
-        z = self.z0[:, None] + w.view(n, self.c, d) @ self.L.transpose(1, 2)
-        return z.reshape(-1, d)
+        z = w.view(n, self.c, d) @ self.L.transpose(1, 2)
+        return (z if self.z0 is None else self.z0[:, None] + z).reshape(-1, d)
 
     def residual(self, w):
         return self.problem.operator(self.problem.flow.inverse(self.z(w))[0]) - self.y

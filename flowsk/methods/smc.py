@@ -86,6 +86,11 @@ def systematic_resample(log_w, generator):
     return torch.searchsorted(cdf, u).clamp(max=N - 1)
 
 
+def _pick(z, idx):
+    """Rows ``idx (n, k)`` of each observation's particles ``z (n, N, d)``: ``(n, k, d)``."""
+    return z.gather(1, idx[..., None].expand(-1, -1, z.shape[2]))
+
+
 class TemperedSMC(Method):
     posterior = True
     defaults = {"sigma": 0.1, "n_samples": 32, "n_particles": None, "n_moves": 10,
@@ -93,8 +98,8 @@ class TemperedSMC(Method):
                 "preconditioner": "laplace", "laplace_steps": 20}
 
     @staticmethod
-    def _n_particles(p, n_samples):
-        """The number of particles per observation, after checking ``p``."""
+    def _check(p, n_samples):
+        """Check the settings ``p``; returns the number of particles per observation."""
         N = p["n_particles"]
         if N is None:
             N = max(128, n_samples)
@@ -114,7 +119,7 @@ class TemperedSMC(Method):
 
     def sample(self, problem, Y, n_samples):
         p = problem.params
-        N = self._n_particles(p, n_samples)
+        N = self._check(p, n_samples)
         n, d = len(Y), problem.flow.latent_dim
         H = laplace(problem, Y, p["laplace_steps"])[1] if p["preconditioner"] == "laplace" \
             else None
@@ -141,13 +146,13 @@ class TemperedSMC(Method):
             new_beta = next_beta(beta, log_lik.view(n, N), p["ess_fraction"])
             idx = systematic_resample(tempered(new_beta - beta, log_lik.view(n, N)),
                                       problem.generator)
-            z = z.view(n, N, d).gather(1, idx[..., None].expand(-1, -1, d)).view(n * N, d)
+            z = _pick(z.view(n, N, d), idx).view(n * N, d)
             beta = new_beta
             z, log_lik, step = self._move(problem, Y, z, beta, H, kernel, target_accept, step)
         progress.close()
         keep = torch.stack([torch.randperm(N, generator=problem.generator,
                                            device=Y.device)[:n_samples] for _ in range(n)])
-        z = z.view(n, N, d).gather(1, keep[..., None].expand(-1, -1, d))
+        z = _pick(z.view(n, N, d), keep)
         with torch.no_grad():
             return problem.flow.decode(z.reshape(-1, d)).view(n, n_samples, -1)
 
@@ -162,7 +167,7 @@ class TemperedSMC(Method):
         else:
             eye = torch.eye(d, dtype=H.dtype, device=H.device)
             L = covariance_factor(eye + beta[:, None, None].double() * (H - eye), z.dtype)
-            target = _Target(problem, Y, N, z.new_zeros(n, d), L, beta.repeat_interleave(N))
+            target = _Target(problem, Y, N, L=L, beta=beta.repeat_interleave(N))
             w = torch.linalg.solve_triangular(L, z.view(n, N, d).transpose(1, 2),
                                               upper=False).transpose(1, 2).reshape(B, d)
         state = {}
