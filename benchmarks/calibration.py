@@ -454,7 +454,7 @@ def main():
     parser.add_argument("--part", choices=("sbc", "gaussian", "digits"), required=True)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
     parser.add_argument("--methods", nargs="+", default=None,
-                        choices=sorted(set(SBC_METHODS) | set(DIGIT_METHODS)),
+                        choices=sorted(METHOD_NAMES),
                         help="run only these methods, merging their rows into the results")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()

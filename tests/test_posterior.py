@@ -25,6 +25,8 @@ ACCURATE = {
     # no Laplace start (exact here): the optimisation itself has to find the posterior
     "vi-from-prior": dict(method="vi", init="prior", learning_rate=2e-2, n_iter=400),
     "ambient-vi": dict(n_iter=400, method_params=dict(mc_samples=32)),
+    "ambient-vi-from-prior": dict(method="ambient-vi", init="prior", n_iter=400,
+                                  method_params=dict(mc_samples=32)),
     "amortized-vi": dict(method_params=dict(coupling="affine", n_simulations=4000, n_iter=30,
                                             n_steps=2, hidden_features=32)),
     # the Laplace preconditioner starts the chains at the exact posterior here; without it
@@ -86,8 +88,9 @@ def bounded_prior(n=4, seed=0, spread=1.5):
     return prior
 
 
-def exact_posterior(prior, A, Y, sigma):
-    """Mean ``(n_obs, n)`` and per-feature std ``(n,)`` of p(x | y) for y = A x + N(0, sigma^2)."""
+def exact_posterior(prior, A, Y, sigma, full=False):
+    """Mean ``(n_obs, n)`` and per-feature std ``(n,)`` (``full``: the covariance ``(n, n)``)
+    of p(x | y) for y = A x + N(0, sigma^2)."""
     flow, n = prior.flow_, prior.n_features_in_
     g = lambda z: flow.inverse(z.float()[None])[0][0].double()  # noqa: E731
     mu = g(torch.zeros(n, dtype=torch.float64)).numpy()
@@ -95,7 +98,7 @@ def exact_posterior(prior, A, Y, sigma):
     prior_prec = np.linalg.inv(L @ L.T)
     cov = np.linalg.inv(prior_prec + A.T @ A / sigma**2)
     mean = (cov @ (prior_prec @ mu[:, None] + A.T @ Y.T / sigma**2)).T
-    return mean, np.sqrt(np.diag(cov))
+    return mean, cov if full else np.sqrt(np.diag(cov))
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +116,7 @@ def _solver(prior, op, method, settings, **kw):
 
 @pytest.mark.parametrize("method,mean_tol,std_tol", [
     ("vi", 0.1, 0.1), ("vi-from-prior", 0.1, 0.1), ("ambient-vi", 0.15, 0.1),
+    ("ambient-vi-from-prior", 0.15, 0.1),
     ("amortized-vi", 0.2, 0.15), ("langevin", 0.2, 0.15), ("mala", 0.1, 0.1),
     ("hmc", 0.1, 0.1), ("pl-mcmc", 0.2, 0.1), ("smc", 0.1, 0.1)])
 def test_matches_the_gaussian_posterior(setup, method, mean_tol, std_tol):
@@ -291,7 +295,31 @@ def test_digit_inpainting_with_a_trained_prior(digits):
     assert s[:, ~observed].mean() > 3 * s[:, observed].mean()
 
 
-def test_ambient_vi_objective_is_finite_on_a_bounded_prior(digits):
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+def test_ambient_vi_starts_at_the_exact_posterior(setup, covariance):
+    """For an affine prior and a linear operator the latent Laplace approximation pushed through
+    the generator is the exact posterior: ``q``'s Gaussian part before any step (``diag``: the
+    KL-closest diagonal, variances ``1 / diag(precision)``)."""
+    prior, op, A, Y = setup
+    sigma = 0.5
+    mean, cov = exact_posterior(prior, A, Y, sigma, full=True)
+    method = METHODS["ambient-vi"]()
+    problem = InverseSolver(prior, op, method="ambient-vi", sigma=sigma)._problem(method)
+    q = BatchedPreGenerator(len(Y), N, covariance=covariance, init_noise=problem.randn)
+    method._init_q(problem, q.requires_grad_(False), torch.as_tensor(Y, dtype=torch.float32))
+    np.testing.assert_allclose(q.mean.numpy(), mean, atol=1e-4)
+    scale = q.log_diag.exp().double()
+    if covariance == "full":
+        L = q.lower.double() * q.mask + torch.diag_embed(scale)
+        np.testing.assert_allclose((L @ L.transpose(1, 2)).numpy(), np.broadcast_to(
+            cov, (len(Y), N, N)), atol=1e-5)
+    else:
+        np.testing.assert_allclose(scale.numpy() ** 2, np.broadcast_to(
+            1 / np.diag(np.linalg.inv(cov)), (len(Y), N)), rtol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["laplace", "prior"])
+def test_ambient_vi_objective_is_finite_on_a_bounded_prior(digits, init):
     """Gaussian draws in data space fall outside a bounded prior's range (log p = NaN there);
     ambient-vi's q lives after the prior's logit layer, so every draw has a finite loss."""
     X, shape = digits
@@ -300,7 +328,8 @@ def test_ambient_vi_objective_is_finite_on_a_bounded_prior(digits):
     op = Inpainting(shape, box=(2, 2, 6, 6))
     Y = torch.as_tensor(op.measure(X[300:304], noise_std=0.01, random_state=0),
                         dtype=torch.float32)
-    solver = InverseSolver(prior, op, method="ambient-vi", sigma=0.05, random_state=0)
+    solver = InverseSolver(prior, op, method="ambient-vi", sigma=0.05, random_state=0,
+                           init=init)
     method = METHODS["ambient-vi"]()
     problem = solver._problem(method)
     q = BatchedPreGenerator(len(Y), X.shape[1], init_noise=problem.randn)

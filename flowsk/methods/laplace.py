@@ -22,14 +22,19 @@ def map_objective(problem, z, Y):
     return 0.5 * sum_squares(z) + sum_squares(r) / (2 * problem.params["sigma"] ** 2)
 
 
-def residual_jacobian(problem, z, Y):
-    """``r = A(G(z)) - y (n, m)`` and its Jacobian ``(n, m, d)``, one backward pass per
-    measurement (observations are independent, so the batch shares each pass)."""
+def batch_jacobian(f, z):
+    """``f(z) (n, m)`` and its Jacobian ``(n, m, d)`` for a row-wise ``f`` of ``z (n, d)``, one
+    backward pass per output (the rows are independent, so the batch shares each pass)."""
     z = z.detach().requires_grad_(True)
-    r = problem.operator(problem.flow.inverse(z)[0]) - Y
-    rows = [torch.autograd.grad(r[:, i].sum(), z, retain_graph=True)[0]
-            for i in range(r.shape[1])]
-    return r.detach(), torch.stack(rows, 1)
+    out = f(z)
+    rows = [torch.autograd.grad(out[:, i].sum(), z, retain_graph=True)[0]
+            for i in range(out.shape[1])]
+    return out.detach(), torch.stack(rows, 1)
+
+
+def residual_jacobian(problem, z, Y):
+    """``r = A(G(z)) - y (n, m)`` and its Jacobian ``(n, m, d)``."""
+    return batch_jacobian(lambda z: problem.operator(problem.flow.inverse(z)[0]) - Y, z)
 
 
 def laplace(problem, Y, steps, tol=1e-3):
@@ -62,8 +67,12 @@ def laplace(problem, Y, steps, tol=1e-3):
         done = not active.any()
 
 
+def covariance(H):
+    """``H^-1`` of positive definite ``H (n, d, d)``, by its Cholesky factor."""
+    return torch.cholesky_inverse(torch.linalg.cholesky(H))
+
+
 def covariance_factor(H, dtype):
     """Lower-triangular ``L`` with ``L L^T = H^-1``: ``(n, d, d) -> (n, d, d)`` (computed in
     ``H``'s float64, returned in ``dtype``)."""
-    cov = torch.cholesky_inverse(torch.linalg.cholesky(H))
-    return torch.linalg.cholesky(cov).to(dtype)
+    return torch.linalg.cholesky(covariance(H)).to(dtype)

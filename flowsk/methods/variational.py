@@ -28,7 +28,9 @@ minimised by Adam with the reparametrisation trick (``mc_samples`` draws per ste
   from the posterior; draws of the generator's overflow region get no weight).
 - ``ambient-vi``: the same objective with the pre-generator in data space
   (``x = q-flow(eps)``, ``-log p(x)`` from the prior's density; for a bounded ``data_range``
-  in the space after the prior's logit layer), the paper's baseline.
+  in the space after the prior's logit layer), the paper's baseline. Its ``init="laplace"``
+  is the latent Laplace approximation pushed through the generator (linearised at the MAP
+  point, ``D`` backward passes); ``init="prior"`` a diagonal Gaussian fit to prior draws.
 - ``amortized-vi``: a conditional flow ``q(z | y)`` trained once in ``fit``; after that,
   ``sample`` is one network pass. As in Hong, Park and Chun, the couplings see ``y`` through
   an encoder ``g(y)`` (a residual MLP of the standardised ``y``, the identity at
@@ -50,7 +52,7 @@ from ..nn.builders import build_flow
 from ..nn.multiscale import Logit
 from ..nn.networks import MLP
 from .base import Method, redraw_nonfinite, sum_squares
-from .laplace import covariance_factor, laplace
+from .laplace import batch_jacobian, covariance, laplace
 
 #: Above this Pareto k of the importance weights (Vehtari et al.), resampling is unreliable.
 PARETO_K_MAX = 0.7
@@ -147,6 +149,20 @@ class BatchedPreGenerator(torch.nn.Module):
         return log_q + standard_normal_log_prob(eps.reshape(-1, self.d)).view(eps.shape[:2])
 
 
+def _start_at(q, mean, cov):
+    """Set the affine part of ``q`` to ``N(mean (n, d), cov (n, d, d), float64)``; a diagonal
+    ``q`` to the diagonal closest in ``KL(q || N)``, the inverse of the precision's diagonal."""
+    with torch.no_grad():
+        q.mean.copy_(mean)
+        if q.full:
+            L = torch.linalg.cholesky(cov).to(mean.dtype)
+            q.log_diag.copy_(torch.diagonal(L, dim1=1, dim2=2).log())
+            q.lower.copy_(L)
+        else:
+            precision = torch.diagonal(covariance(cov), dim1=1, dim2=2)
+            q.log_diag.copy_(-0.5 * precision.log().to(mean.dtype))
+
+
 class VI(Method):
     """Per-observation composed-flow VI in the prior's latent space."""
 
@@ -210,21 +226,17 @@ class VI(Method):
         Gauss-Newton Hessian ``H = I + J^T J / sigma^2`` of ``J = d A(G(z)) / dz``. For a
         linear operator and an affine prior this is already the exact posterior; in general it
         spares the optimiser the slow shrinking of well-determined directions."""
-        p = problem.params
-        if p["init"] == "prior":
-            return
-        if p["init"] != "laplace":
+        if self._check_init(problem.params) == "laplace":
+            z, H = laplace(problem, Y, problem.params["laplace_steps"])
+            _start_at(q, z, problem.params["beta"] * covariance(H))
+
+    @staticmethod
+    def _check_init(p):
+        """``p["init"]``, after checking it and ``laplace_steps``."""
+        if p["init"] not in ("laplace", "prior"):
             raise ValueError(f"init must be 'laplace' or 'prior', got {p['init']!r}")
         check_int("laplace_steps", p["laplace_steps"], 0)
-        z, H = laplace(problem, Y, p["laplace_steps"])
-        with torch.no_grad():
-            q.mean.copy_(z)
-            if q.full:
-                L = math.sqrt(p["beta"]) * covariance_factor(H, z.dtype)
-                q.log_diag.copy_(torch.diagonal(L, dim1=1, dim2=2).log())
-                q.lower.copy_(L)
-            else:
-                q.log_diag.copy_(0.5 * torch.log(p["beta"] / torch.diagonal(H, dim1=1, dim2=2)))
+        return p["init"]
 
     def _to_signal(self, problem, z):
         return problem.flow.decode(z)
@@ -290,8 +302,7 @@ class AmbientVI(VI):
     logit layer (a fixed bijection of the data's open box, which leaves the KL unchanged), so
     every draw is a valid signal; otherwise it acts on ``x`` directly."""
 
-    defaults = {k: v for k, v in VI.defaults.items() if k not in ("init", "laplace_steps")}
-    defaults["learning_rate"] = 5e-3
+    defaults = {**VI.defaults, "learning_rate": 5e-3}
 
     def check_prior(self, prior):
         flow = prior.flow_
@@ -318,8 +329,19 @@ class AmbientVI(VI):
                                                          else logit.inverse(u)[0])
 
     def _init_q(self, problem, q, Y):
-        """Start at a diagonal Gaussian fit to prior samples (finite ``log p`` from step one)."""
+        """``init="laplace"``: the latent Laplace approximation ``N(z_map, beta H^-1)`` pushed
+        through the generator up to its logit, ``u = F(z)``, linearised at ``z_map``: mean
+        ``F(z_map)``, covariance ``beta J H^-1 J^T`` with ``J = dF/dz`` (``D`` backward
+        passes; exact for an affine prior and a linear operator). ``init="prior"``: a diagonal
+        Gaussian fit to prior samples of ``u``."""
+        p = problem.params
         _, rest = self._split(problem.flow)
+        if self._check_init(p) == "laplace":
+            z, H = laplace(problem, Y, p["laplace_steps"])
+            u, J = batch_jacobian(lambda z: rest.inverse(z)[0], z)
+            J = J.double()
+            _start_at(q, u, p["beta"] * J @ covariance(H) @ J.transpose(1, 2))
+            return
         with torch.no_grad():
             u = rest.inverse(problem.randn(256, self._dim(problem)))[0]
             q.mean.copy_(u.mean(0).expand_as(q.mean))
