@@ -19,14 +19,16 @@ instead of random rotations (``LINEAR_START``).
 ``inverse``: 200 test patches of 32x32 (noise 0.01 unless stated): denoising sigma 25/255,
 random 50 % pixel inpainting, a centre 4x4 box, Gaussian deblurring (sigma 1.5 px, 9x9 kernel)
 and 2x super-resolution (mean pooling). Classical baselines, each with its parameter picked by
-mean PSNR on ``N_VAL`` validation patches; pinv; the exact posterior mean of the GMM above;
-flowsk's ``glowip`` (``gamma``) and ``map`` (``beta``, with ``sigma`` the task's noise), each
-tuned by GridSearchCV on the same patches, with the ``glow``/affine prior trained for
-``INVERSE_EPOCHS``; the posterior methods' draws (mean, per-pixel 90 % coverage) on the first
-``N_POSTERIOR`` test patches. ``--tasks`` runs some tasks and merges their rows into the
-results file (each row keeps its own provenance), so tasks can run in separate processes once
-the prior and the GMM are cached. Writes results/images.png: truth / measurement / best
-classical / best flowsk / posterior std for the first test patch of each task.
+mean PSNR on ``N_VAL`` validation patches (for deblurring also scikit-image's deconvolvers
+remade for the operator's zero border: ``wiener_boundary``, ``richardson_lucy_boundary``);
+pinv; the exact posterior mean of the GMM above; flowsk's ``glowip`` (``gamma``) and ``map``
+(``beta``, with ``sigma`` the task's noise), each tuned by GridSearchCV on the same patches,
+with the ``glow``/affine prior trained for ``INVERSE_EPOCHS``; the posterior methods' draws
+(mean, per-pixel 90 % coverage) on the first ``N_POSTERIOR`` test patches. ``--tasks`` runs
+some tasks and merges their rows into the results file (each row keeps its own provenance), so
+tasks can run in separate processes once the prior and the GMM are cached. Writes
+results/images.png: truth / measurement / best classical / best flowsk / posterior std for the
+first test patch of each task.
 
 Priors and GMMs are cached as results/*.joblib (refitted when their settings or the training
 code change).
@@ -35,6 +37,7 @@ code change).
     python benchmarks/images.py inverse [--tasks denoise ...] [--quick]
 """
 import argparse
+import functools
 import math
 import time
 
@@ -232,8 +235,8 @@ def run_density(size, quick, epochs=None, models=None):
     than the defaults write results/images-density{size}-{epochs}ep.json."""
     default = epochs in (None, EPOCHS[size]) and models is None
     epochs = epochs or EPOCHS[size]
-    meta = metadata(seed=SEED, size=size, quick=quick, epochs=1 if quick else epochs)
     torch.set_num_threads(1)
+    meta = metadata(seed=SEED, size=size, quick=quick, epochs=1 if quick else epochs)
     X_fit, X_val, X_test, shape = photo_data(size, quick)
     X_test_d = dequantized(X_test, 3)
     rows = []
@@ -302,6 +305,44 @@ def _images(op, Y):
     return Y.reshape(len(Y), h, w), None
 
 
+# scikit-image's deconvolvers model a blur without the operator's zero border: ``wiener`` is
+# periodic, and ``richardson_lucy``'s update lacks the division by ``A^T 1`` (< 1 within the
+# kernel's radius of the border), so border pixels shrink at every iteration. Tuned, both stay
+# below the blurred measurement itself; the ``_boundary`` versions are the same estimators for
+# the operator's border.
+LAPLACIAN = np.array([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]])
+
+
+@functools.cache
+def _wiener_boundary_matrix(side, balance):
+    """``(A^T A + balance D^T D)^-1 A^T`` for the zero-padded ``BLUR`` ``A`` and Laplacian ``D``
+    (the regulariser of ``skimage.restoration.wiener``) on ``side x side`` images."""
+    from inverse import dense
+
+    from flowsk.operators import Blur
+    shape, n = (1, side, side), side * side
+    A, D = dense(Blur(shape, BLUR), n), dense(Blur(shape, LAPLACIAN), n)
+    return np.linalg.solve(A.T @ A + balance * D.T @ D, A.T)
+
+
+def wiener_boundary(img, mask, balance):
+    """Wiener-Tikhonov deconvolution with the zero border: ``(H, W) -> (H, W)``."""
+    return (_wiener_boundary_matrix(img.shape[0], balance) @ img.ravel()).reshape(img.shape)
+
+
+def richardson_lucy_boundary(img, mask, n_iter):
+    """Richardson-Lucy for the zero border, ``x <- x A^T(y / A x) / A^T 1`` from 0.5, as
+    ``skimage.restoration.richardson_lucy`` otherwise: ``(H, W) -> (H, W)``."""
+    from scipy.signal import convolve
+    y, flipped = np.clip(img, 0, None), BLUR[::-1, ::-1]
+    norm = convolve(np.ones_like(y), flipped, mode="same")
+    x = np.full_like(y, 0.5)
+    for _ in range(n_iter):
+        x = x * convolve(y / (convolve(x, BLUR, mode="same") + 1e-12), flipped,
+                         mode="same") / norm
+    return x
+
+
 def classical_methods(task, noise):
     """name -> (grid, fn(image, mask, param) -> (H, W)) for the task's classical baselines."""
     from skimage import restoration
@@ -328,10 +369,12 @@ def classical_methods(task, noise):
                                lambda img, mask, _: restoration.inpaint_biharmonic(img, mask))}
     if task == "deblur":
         return {
-            "wiener": ([0.01, 0.03, 0.1, 0.3, 1.0],
+            "wiener": ([0.01, 0.1, 1.0, 3.0, 10.0],
                        lambda img, mask, b: restoration.wiener(img, BLUR, b, clip=False)),
-            "richardson_lucy": ([5, 10, 20, 40], lambda img, mask, n: restoration.richardson_lucy(
+            "richardson_lucy": ([1, 2, 5, 10], lambda img, mask, n: restoration.richardson_lucy(
                 np.clip(img, 0, 1), BLUR, num_iter=n, clip=False)),
+            "wiener_boundary": ([0.001, 0.003, 0.01, 0.03, 0.1], wiener_boundary),
+            "richardson_lucy_boundary": ([5, 10, 20, 40], richardson_lucy_boundary),
         }
     return {"bicubic": ([None], lambda img, mask, _: resize(img, (2 * img.shape[0],
                                                                   2 * img.shape[1]), order=3))}
@@ -359,8 +402,8 @@ def run_inverse(quick, task_names=None):
     results/images-inverse.json, so tasks can run in separate processes."""
     from inverse import dense, gmm_mmse
     from sklearn.model_selection import GridSearchCV
-    meta = metadata(seed=SEED, quick=quick)
     torch.set_num_threads(1)
+    meta = metadata(seed=SEED, quick=quick)
     _, X_val, X_test, shape = photo_data(32, quick)
     X_val, X_test = X_val[:N_VAL], X_test[:16 if quick else N_TEST]
     prior, prior_info = flow_prior(32, *INVERSE_PRIOR, quick, epochs=INVERSE_EPOCHS)
