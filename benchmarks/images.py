@@ -80,7 +80,7 @@ INVERSE_EPOCHS = 30  # the inverse problems get a prior trained longer than the 
 N_TEST, N_VAL, N_POSTERIOR = 200, 20, 8
 #: flowsk's point methods and their GridSearchCV grids (``map``'s sigma is the task's noise)
 GLOWIP = {"gamma": [0.0, 0.001, 0.01, 0.03, 0.1], "n_iter": [300]}
-MAP = {"beta": [0.25, 0.5, 1.0], "n_iter": [1000], "init": ["zeros"]}
+MAP = {"beta": [0.125, 0.25, 0.5, 1.0, 2.0], "n_iter": [1000], "init": ["zeros"]}
 #: posterior methods on the first N_POSTERIOR test patches
 POSTERIOR = {"n_samples": 16, "method_params": {"burn_in": 200, "thin": 4, "n_chains": 4}}
 POSTERIOR_METHODS = ("langevin",)  # the CPU budget at 1024 dimensions
