@@ -38,13 +38,14 @@ def test_reference_density_is_normalised_and_fits_the_data():
 @pytest.mark.slow
 def test_spline_flow_learns_two_moons():
     """Held-out mean log-likelihood (nats): the spline flow closes most of the gap between the
-    best Gaussian and the exact density (about 83 % measured; 75 % required) and ends within
-    0.4 nats of the exact density (0.28 measured)."""
+    best Gaussian and the exact density (81-92 % over seeds 0-3 measured; 75 % required) and
+    ends within 0.4 nats of the exact density (0.13-0.30 measured). At 25 epochs the seeds
+    spread across the threshold (73-83 %): the flow had not finished training."""
     X, _ = make_moons(2000, noise=NOISE, random_state=0)
     X_train, X_test = X[:1000], X[1000:]
     exact = moons_log_density(X_test).mean()
     gaussian = GaussianMixture(1).fit(X_train).score(X_test)
-    flow = FlowPrior(coupling="spline", n_steps=2, hidden_features=32, max_epochs=25,
+    flow = FlowPrior(coupling="spline", n_steps=2, hidden_features=32, max_epochs=60,
                      batch_size=100, learning_rate=1e-2, weight_decay=0.0, random_state=0,
                      device="cpu").fit(X_train)
     spline = flow.score(X_test)
