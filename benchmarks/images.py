@@ -314,14 +314,21 @@ LAPLACIAN = np.array([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]])
 
 
 @functools.cache
-def _wiener_boundary_matrix(side, balance):
-    """``(A^T A + balance D^T D)^-1 A^T`` for the zero-padded ``BLUR`` ``A`` and Laplacian ``D``
-    (the regulariser of ``skimage.restoration.wiener``) on ``side x side`` images."""
+def _zero_border_matrices(side):
+    """``(A, D)``, ``(side^2, side^2)``: the ``BLUR`` of the deblurring task
+    (:class:`flowsk.operators.Blur`, zero border) and the Laplacian that
+    ``skimage.restoration.wiener`` regularises with, on ``side x side`` images."""
     from inverse import dense
 
     from flowsk.operators import Blur
     shape, n = (1, side, side), side * side
-    A, D = dense(Blur(shape, BLUR), n), dense(Blur(shape, LAPLACIAN), n)
+    return dense(Blur(shape, BLUR), n), dense(Blur(shape, LAPLACIAN), n)
+
+
+@functools.cache
+def _wiener_boundary_matrix(side, balance):
+    """``(A^T A + balance D^T D)^-1 A^T``."""
+    A, D = _zero_border_matrices(side)
     return np.linalg.solve(A.T @ A + balance * D.T @ D, A.T)
 
 
@@ -333,14 +340,13 @@ def wiener_boundary(img, mask, balance):
 def richardson_lucy_boundary(img, mask, n_iter):
     """Richardson-Lucy for the zero border, ``x <- x A^T(y / A x) / A^T 1`` from 0.5, as
     ``skimage.restoration.richardson_lucy`` otherwise: ``(H, W) -> (H, W)``."""
-    from scipy.signal import convolve
-    y, flipped = np.clip(img, 0, None), BLUR[::-1, ::-1]
-    norm = convolve(np.ones_like(y), flipped, mode="same")
+    A, _ = _zero_border_matrices(img.shape[0])
+    y = np.clip(img.ravel(), 0, None)
+    norm = A.sum(0)  # A^T 1
     x = np.full_like(y, 0.5)
     for _ in range(n_iter):
-        x = x * convolve(y / (convolve(x, BLUR, mode="same") + 1e-12), flipped,
-                         mode="same") / norm
-    return x
+        x = x * (A.T @ (y / (A @ x + 1e-12))) / norm
+    return x.reshape(img.shape)
 
 
 def classical_methods(task, noise):
