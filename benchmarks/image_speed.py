@@ -7,7 +7,8 @@
   with gradient clipping), normflows' the one its examples use (Adam). Each time is the
   fastest of several repeats, each the mean of a few steps; the repeats cycle through all
   models of a size. Ratios are flowsk / normflows, of wall and of CPU seconds.
-- **Ablation** at 1x32x32 (``glow``): each optimisation switched off in turn, in one cycle.
+- **Ablation** at 1x32x32 (``glow``): each optimisation switched off in turn (conditioners
+  channels-last, fused AdamW, ActNorm fused into the 1x1 convolution), in one cycle.
 - **Profile**: ``torch.profiler`` of the ``glow`` step at 3x32x32 (share of self CPU time by
   op), and the time of the parts the issue names (LU weight, logit) measured alone.
 - **Solver**: the iteration of ``glowip`` / ``map`` / ``likelihood`` at 1x32x32, batch 32,
@@ -53,8 +54,9 @@ from _common import (
 
 from flowsk import FlowPrior
 from flowsk._training import make_optimizer, param_groups, train_step
+from flowsk.nn.base import Chain
 from flowsk.nn.builders import build_flow
-from flowsk.nn.linear import InvertibleLinear, channel_mix, spatial_size
+from flowsk.nn.linear import ActNormLinear, InvertibleLinear
 from flowsk.nn.multiscale import Logit
 from flowsk.nn.networks import CNN
 
@@ -207,6 +209,17 @@ def _other_activation(flow):
     return flow
 
 
+def _unfused(flow):
+    """Each ActNormLinear replaced by its two layers, ActNorm then InvertibleLinear."""
+    for m in flow.modules():
+        if isinstance(m, Chain):
+            m.layers = torch.nn.ModuleList(
+                part for layer in m.layers
+                for part in ((layer.norm, layer.mix) if isinstance(layer, ActNormLinear)
+                             else (layer,)))
+    return flow
+
+
 def _foreach_adamw(flow):
     return torch.optim.AdamW(param_groups(flow, 1e-4), lr=1e-3, foreach=True)
 
@@ -225,7 +238,9 @@ def ablation(shape, repeats, per_timing, device):
         "flowsk (as shipped)": variant(),
         "conditioners in NCHW": variant(_nchw_conditioners),
         "AdamW foreach, not fused": variant(optimizer=_foreach_adamw),
-        "both (the previous code)": variant(_nchw_conditioners, _foreach_adamw),
+        "ActNorm and 1x1 conv as two layers": variant(_unfused),
+        "all three (the earlier code)": variant(lambda f: _unfused(_nchw_conditioners(f)),
+                                                _foreach_adamw),
         f"{other} conditioners, not {shipped}": variant(_other_activation),
         "normflows Glow": normflows_step(normflows_glow(shape, **config).to(device),
                                          x.view(-1, *shape)),
@@ -323,10 +338,10 @@ def fitted_prior(shape, device, n=640, **kw):
                      device=device, **kw).fit(X), X
 
 
-def _buffer_inverse(self, z, context=None):
-    """``InvertibleLinear.inverse`` reading the cached buffer (what the ONNX export runs)."""
-    logdet = -self.log_s.sum() * spatial_size(z)
-    return channel_mix(z, self.weight_inverse), logdet.expand(z.shape[0])
+def _buffer_inverse(self):
+    """``InvertibleLinear.inverse_matrix`` reading the cached buffer (what the ONNX export
+    runs)."""
+    return self.weight_inverse
 
 
 def solver(shape, batch, n1, n2, repeats, device):
@@ -342,11 +357,11 @@ def solver(shape, batch, n1, n2, repeats, device):
     fresh, cached = [], []
     for _ in range(repeats):
         fresh.append(floor_seconds(prior, batch, n2 - n1))
-        InvertibleLinear.inverse, real = _buffer_inverse, InvertibleLinear.inverse
+        InvertibleLinear.inverse_matrix, real = _buffer_inverse, InvertibleLinear.inverse_matrix
         try:
             cached.append(floor_seconds(prior, batch, n2 - n1))
         finally:
-            InvertibleLinear.inverse = real
+            InvertibleLinear.inverse_matrix = real
     out = {"shape": shape_name(shape), "batch": batch, "operator": "RandomMask(p=0.5)",
            "n_iter": [n1, n2], "ms_per_iteration": {k: 1e3 * v for k, v in seconds.items()},
            "over_floor": {k: v / seconds["floor"] for k, v in seconds.items() if k != "floor"},

@@ -33,7 +33,7 @@ from .methods.variational import amortized_model
 from .prior import FlowPrior
 from .solver import InverseSolver
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _ESTIMATORS = {cls.__name__: cls for cls in (FlowPrior, InjectiveFlowPrior, InverseSolver)}
 _PRIORS = ("FlowPrior", "InjectiveFlowPrior")
 #: Fitted integers of each estimator (besides ``n_features_in_``).

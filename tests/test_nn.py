@@ -18,7 +18,7 @@ from flowsk.nn.builders import (
     level_shapes,
 )
 from flowsk.nn.coupling import TRANSFORMS, Affine, Coupling, make_transform
-from flowsk.nn.linear import ActNorm, InvertibleLinear, Permutation
+from flowsk.nn.linear import ActNorm, ActNormLinear, InvertibleLinear, Permutation
 from flowsk.nn.multiscale import Logit, Multiscale, Reshape, Squeeze
 from flowsk.nn.networks import CNN, MLP
 
@@ -120,6 +120,10 @@ LAYERS = {
     "invlinear-vector-eval": lambda: (InvertibleLinear(5), G((5,)), None, False),
     "invlinear-image-train": lambda: (InvertibleLinear(3), G((3, 4, 4)), None, True),
     "invlinear-image-eval": lambda: (InvertibleLinear(3), G((3, 4, 4)), None, False),
+    "actnorm-linear-vector-train": lambda: (ActNormLinear(5), G((5,)), None, True),
+    "actnorm-linear-vector-eval": lambda: (ActNormLinear(5), G((5,)), None, False),
+    "actnorm-linear-image-train": lambda: (ActNormLinear(3), G((3, 4, 4)), None, True),
+    "actnorm-linear-image-eval": lambda: (ActNormLinear(3), G((3, 4, 4)), None, False),
     "perm-reverse": lambda: (Permutation.reverse(5), G((5,)), None, False),
     "perm-random": lambda: (
         Permutation(torch.randperm(5, generator=torch.Generator().manual_seed(3))), G((5,)),
@@ -431,6 +435,34 @@ def test_actnorm_state_is_saved():
     z_loaded, _ = loaded(x)
     z, _ = layer.eval()(x)
     torch.testing.assert_close(z_loaded, z, rtol=0, atol=0)
+
+
+# -- ActNormLinear ------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(5,), (3, 4, 4)])
+@pytest.mark.parametrize("train", [True, False])
+def test_actnorm_linear_is_actnorm_then_linear(shape, train):
+    """The fused layer equals its two parts applied in turn (perturbed weights, float64), in
+    both directions, and its first training call starts the ActNorm part from the data."""
+    layer = ActNormLinear(shape[0], torch.Generator().manual_seed(0)).double()
+    x = 3.0 + 2.0 * gaussian(shape, n=N_INIT, seed=5)
+    layer(x)  # train mode: the ActNorm part starts from x
+    assert bool(layer.norm.initialized)
+    dims = [0] + list(range(2, x.dim()))
+    u, _ = layer.norm.eval()(x)
+    torch.testing.assert_close(u.mean(dims), torch.zeros(shape[0], dtype=torch.float64),
+                               rtol=0, atol=1e-10)
+    perturb_(layer, 0.3)
+    layer.train(train)
+    parts = Chain(layer.norm, layer.mix)
+    x = gaussian(shape, seed=6)
+    z, logdet = layer(x)
+    z_parts, logdet_parts = parts(x)
+    torch.testing.assert_close(z, z_parts, rtol=0, atol=1e-12)
+    torch.testing.assert_close(logdet, logdet_parts, rtol=0, atol=1e-12)
+    x_back, logdet_back = layer.inverse(z)
+    x_parts, logdet_back_parts = parts.inverse(z)
+    torch.testing.assert_close(x_back, x_parts, rtol=0, atol=1e-12)
+    torch.testing.assert_close(logdet_back, logdet_back_parts, rtol=0, atol=1e-12)
 
 
 # -- InvertibleLinear --------------------------------------------------------------------------

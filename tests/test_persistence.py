@@ -234,7 +234,7 @@ def test_header_is_readable_without_flowsk(good_file):
     with safe_open(good_file, framework="pt") as handle:
         meta = handle.metadata()
         names = set(handle.keys())
-    assert (meta["format"], meta["format_version"]) == ("flowsk", "1")
+    assert (meta["format"], meta["format_version"]) == ("flowsk", "2")
     assert meta["flowsk_version"] == flowsk.__version__
     spec = json.loads(meta["estimator"])
     assert spec["class"] == "FlowPrior" and spec["params"]["data_range"] == [0, 1]
@@ -371,8 +371,8 @@ BAD_FILES = {
     "extra tensor": (lambda s, d: _rewrite(s, d, edit_tensors=_set("flow_.x", torch.zeros(2))),
                      "unexpected tensors"),
     "unknown format version": (lambda s, d: _rewrite(s, d, edit_meta=_set("format_version",
-                                                                          "2")),
-                               "unknown format version '2'"),
+                                                                          "1")),
+                               "unknown format version '1'"),
     "newer flowsk": (lambda s, d: _rewrite(s, d, edit_meta=_set("flowsk_version", "99.0.0")),
                      "newer than this flowsk"),
     "not flowsk's header": (lambda s, d: _rewrite(s, d, edit_meta=lambda m: m.clear()),

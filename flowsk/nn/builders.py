@@ -11,13 +11,16 @@
   starting at a permutation) and a masked autoregressive transform. Generating (the
   inverse) takes one network pass per feature, so it is slow to sample and not for the
   latent-space solvers.
+
+Where ActNorm precedes an invertible linear layer the two are one fused layer,
+:class:`~flowsk.nn.linear.ActNormLinear`.
 """
 import torch
 
 from .autoregressive import MaskedAutoregressive
 from .base import Chain, Flow
 from .coupling import Coupling, make_transform
-from .linear import ActNorm, InvertibleLinear, Permutation
+from .linear import ActNorm, ActNormLinear, Permutation
 from .multiscale import Logit, Multiscale, Reshape
 from .networks import CNN, MLP
 
@@ -55,7 +58,7 @@ def vector_step(features, coupling, hidden_features, context_features=0, generat
                 coupling_options=None, order=None):
     """One ``mlp`` step on ``(B, features)``; its linear layer starts at the permutation
     ``order`` (None: a random rotation)."""
-    layers = [ActNorm(features), InvertibleLinear(features, generator, order)]
+    layers = [ActNormLinear(features, generator, order)]
     split = features // 2
     if split:  # a single feature has nothing to condition on: the step is affine
         transform = make_transform(coupling, **(coupling_options or {}))
@@ -69,7 +72,7 @@ def autoregressive_step(features, coupling, hidden_features, generator=None,
                         coupling_options=None, order=None):
     """One ``maf`` step on ``(B, features)``; its linear layer starts at ``order``."""
     transform = make_transform(coupling, **(coupling_options or {}))
-    return [ActNorm(features), InvertibleLinear(features, generator, order),
+    return [ActNormLinear(features, generator, order),
             MaskedAutoregressive(features, transform, hidden_features)]
 
 
@@ -84,7 +87,7 @@ def image_step(architecture, shape, coupling, hidden_features, generator=None,
     coupling_layer = Coupling(
         split, CNN(split, (c - split) * transform.n_params, hidden_features, kernel), transform)
     if architecture == "glow":
-        return [ActNorm(c), InvertibleLinear(c, generator, order), coupling_layer]
+        return [ActNormLinear(c, generator, order), coupling_layer]
     if architecture == "realnvp":
         return [coupling_layer, Permutation.reverse(c)]
     return [ActNorm(c), Permutation.swap(c), coupling_layer]
