@@ -9,8 +9,9 @@ and 5) and used by every method (a search per method would multiply the cost);
 ``amortized-vi`` trains on simulations in ``fit``. The prior is ``benchmarks/inverse.py``'s
 with the settings in ``PRIOR``. ``pl-mcmc`` runs on the first 20 test
 images only (it is the slow baseline). The first 100 test digits are used unless ``--n-test``
-says otherwise. Writes results/posterior.json and results/posterior.png (truth, measurement,
-draws, mean, std for vi on inpainting).
+says otherwise. One torch thread (seconds are wall seconds of that thread), so that runs of
+different tasks can share a machine's cores. Writes results/posterior.json and
+results/posterior.png (truth, measurement, draws, mean, std for vi on inpainting).
 
     python benchmarks/posterior.py [--quick] [--n-test N] [--methods vi ...] [--tasks cs16 ...]
 """
@@ -140,7 +141,7 @@ def main():
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     meta = metadata(seed=0)
     X_fit, X_val, X_test, shape = digits_split()
     X_test = X_test[:args.n_test or (30 if args.quick else 100)]
