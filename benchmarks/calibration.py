@@ -12,7 +12,10 @@ importance resampling with Pareto-smoothed weights), computed from the same fitt
   ``y = A(x) + sigma noise``; tasks denoise (sigma 0.1), inpaint (centre 4x4 box) and cs16
   (sigma 0.01); ``N_SIM`` simulations of ``N_DRAWS`` draws each
   (:func:`flowsk.diagnostics.sbc_ranks`). Per method: per-pixel coverage at 0.5 / 0.8 / 0.9 /
-  0.95 and the p-value of rank uniformity (chi-squared per pixel, Bonferroni over the 64).
+  0.95, the p-value of rank uniformity (chi-squared per pixel, Bonferroni over the 64) and that
+  of the misfit ``||A(x) - y||``'s rank (``misfit=True``; prior-like draws fail it) with its
+  mean fractional rank (low: draws fit the data worse than the truth). ``mala-identity`` is
+  ``mala`` with ``preconditioner="identity"`` (SBC only).
   Figures ``results/calibration-sbc-TASK.png``: rank histograms and ECDF differences.
 - ``gaussian``: ``FlowPrior()`` (defaults) fitted to 4000 draws of a 4-D Gaussian; cs 4 -> 2,
   noise 0.1, 10 observations, 2000 draws per method. The reference is the exact posterior of
@@ -74,7 +77,11 @@ SBC_TASKS = ("denoise", "inpaint", "cs16")
 TASKS = ("denoise", "inpaint", "cs16", "deblur", "sr2")
 METHOD_NAMES = ("mala", "hmc", "smc", "langevin", "pl-mcmc", "vi", "vi+is", "amortized-vi",
                 "ambient-vi")
-SBC_METHODS = ("mala", "hmc", "smc", "langevin", "pl-mcmc", "vi", "vi+is", "amortized-vi")
+SBC_METHODS = ("mala", "mala-identity", "hmc", "smc", "langevin", "pl-mcmc", "vi", "vi+is",
+               "amortized-vi")
+#: SBC only: name -> (method, its parameters); ``mala`` on the latents themselves, from prior
+#: draws (no Laplace preconditioner)
+VARIANTS = {"mala-identity": ("mala", {"preconditioner": "identity"})}
 #: for time, ``ambient-vi`` runs in the Gaussian part only, ``hmc`` and ``pl-mcmc`` also in SBC
 DIGIT_METHODS = ("mala", "smc", "langevin", "vi", "vi+is", "amortized-vi")
 N_SIM, N_DRAWS, N_DIGITS, N_IS, IMPORTANCE = 200, 99, 40, 4_000_000, 1000
@@ -82,6 +89,7 @@ QUICK = {"n_sim": 20, "n_draws": 19, "n_digits": 10, "n_is": 200_000,
          "params": {"vi": {"n_iter": 20}, "ambient-vi": {"n_iter": 20},
                     "amortized-vi": {"method_params": {"n_iter": 2, "n_simulations": 1000}},
                     "mala": {"method_params": {"burn_in": 20}},
+                    "mala-identity": {"method_params": {"burn_in": 20}},
                     "hmc": {"method_params": {"burn_in": 10}},
                     "smc": {"method_params": {"n_moves": 2, "n_particles": 32}},
                     "langevin": {"method_params": {"burn_in": 20}},
@@ -138,8 +146,10 @@ def make_solvers(prior, op, sigma, names, quick, cache=None):
     for name in names:
         if name == "vi+is":
             continue
+        method, method_params = VARIANTS.get(name, (name, {}))
         params = QUICK["params"][name] if quick else {}
-        solver = InverseSolver(prior, op, method=name, sigma=sigma, random_state=0, **params)
+        params = {**params, "method_params": {**method_params, **params.get("method_params", {})}}
+        solver = InverseSolver(prior, op, method=method, sigma=sigma, random_state=0, **params)
         if name == "vi":
             shared = SharedVI(solver)
             out["vi"] = shared.view(0)
@@ -186,10 +196,13 @@ def run_sbc(tasks, methods, quick):
         row, ranks_of = {}, {}
         for name, solver in solvers.items():
             start = time.process_time()
-            R = sbc_ranks(solver, n_sim, n_draws, random_state=0)
+            R = sbc_ranks(solver, n_sim, n_draws, misfit=True, random_state=0)
             seconds = cpu_seconds(solver, start)
+            R, misfit = R[:, :-1], R[:, -1:]
             row[name] = {"coverage": dict(zip(map(str, LEVELS), rank_coverage(R, n_draws))),
                          "p_uniform": rank_uniformity(R, n_draws),
+                         "p_misfit": rank_uniformity(misfit, n_draws),
+                         "misfit_rank_mean": float(misfit.mean() / n_draws),
                          "cpu_seconds_per_obs": (seconds + fits.get(name, 0.0)) / n_sim,
                          "sample_cpu_seconds": seconds, "fit_cpu_seconds": fits.get(name),
                          "pareto_warnings": pareto_warnings(solver)}
@@ -398,7 +411,8 @@ def tables(name="calibration"):
         names = [m for m in SBC_METHODS if all(m in sbc[t] for t in tasks)]
         rows = []
         for m in names:
-            cells = [f"{sbc[t][m]['coverage']['0.9']:.3f} / {_p(sbc[t][m]['p_uniform'])}"
+            cells = [f"{sbc[t][m]['coverage']['0.9']:.3f} / {_p(sbc[t][m]['p_uniform'])} / "
+                     + (_p(sbc[t][m]["p_misfit"]) if "p_misfit" in sbc[t][m] else "")
                      for t in tasks]
             cpu = np.mean([sbc[t][m]["cpu_seconds_per_obs"] for t in tasks])
             rows.append([f"`{m}`", *cells, _f(cpu, 3)])
@@ -411,7 +425,8 @@ def tables(name="calibration"):
             ("mala", "langevin"), ("hmc", "mala"), ("smc", "mala"))
             if a in names and b in names)
         meta = sbc[tasks[0]][names[0]]["meta"]
-        out["sbc"] = (markdown_table(["method", *[f"{t}: 90 % cov. / p" for t in tasks],
+        out["sbc"] = (markdown_table(["method", *[f"{t}: 90 % cov. / p / misfit p"
+                                                  for t in tasks],
                                       "CPU s / obs."], rows)
                       + "\n\n" + (f"CPU time at equal draws: {ratios}; " if ratios else "")
                       + f"{meta['n_sim']} simulations of {meta['n_draws']} draws per task. "
@@ -454,7 +469,7 @@ def main():
     parser.add_argument("--part", choices=("sbc", "gaussian", "digits"), required=True)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
     parser.add_argument("--methods", nargs="+", default=None,
-                        choices=sorted(METHOD_NAMES),
+                        choices=sorted(METHOD_NAMES + tuple(VARIANTS)),
                         help="run only these methods, merging their rows into the results")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()

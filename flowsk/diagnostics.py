@@ -25,6 +25,9 @@ number of draws below it) is uniform on ``0 .. k``, for every feature and any ``
   :func:`plot_ranks` draws the rank histogram and the ECDF difference (good: a flat histogram and
   an ECDF difference inside its band; a U shape or an ECDF difference below zero on the left
   and above on the right means too narrow draws, a hump the opposite, a slope one way a bias).
+  Per-feature SBC is passed by draws of the prior itself (the truth is one too), so
+  ``sbc_ranks(..., misfit=True)`` also ranks the truth's data misfit ``||A(x) - y||`` among the
+  draws': not uniform (low ranks) when the draws fit the measurements worse than the truth.
 
 Ties (a signal on a lattice, or on a bound where clipped draws pile up) get randomised ranks:
 a truth equal to ``t`` draws takes each of the ``t + 1`` ranks with equal probability.
@@ -135,16 +138,23 @@ def coverage(X: ArrayLike, samples: ArrayLike, levels: ArrayLike = LEVELS, *,
 
 
 def sbc_ranks(solver: Any, n_simulations: int, n_samples: int = 99, *,
-              noise_std: float | None = None,
+              noise_std: float | None = None, misfit: bool = False,
               random_state: RandomStateLike = None) -> NDArray[np.int64]:
     """Simulation-based calibration with the prior as the truth: ranks ``(n_simulations,
-    n_features)``, ints in ``0 .. n_samples``.
+    n_features)``, ints in ``0 .. n_samples`` (``n_features + 1`` columns with
+    ``misfit``).
 
     For each simulation: ``z ~ N(0, I)``, ``x = G(z)`` (the prior's generator, the signal its
     posterior methods assume), ``y = A(x) + noise_std * N(0, I)``, then ``n_samples`` draws of
     ``solver.sample_posterior(y)`` and the rank of each feature of ``x`` (clipped to the prior's
     ``data_range``, as the draws are) among them. ``noise_std`` defaults to the solver's
     ``sigma``, the noise its posterior assumes. A solver that needs ``fit`` must be fitted.
+
+    ``misfit=True`` appends a column: the rank of the truth's misfit ``||A(x) - y||`` among
+    the draws' (a data-dependent test quantity, Modrak et al. 2023). Draws that ignore the data,
+    draws of the prior itself for instance, give uniform feature ranks, since the truth is a
+    prior draw too; their misfits are too large, so the truth ranks low and this column is not
+    uniform. Score coverage on ``R[:, :-1]``, test ``R[:, -1:]`` with :func:`rank_uniformity`.
 
     ``solver``: an object with ``prior`` (a fitted flow prior: ``flow_``, ``data_range``),
     ``operator`` (``measure``), ``sigma`` and ``sample_posterior`` (an ``InverseSolver`` with a
@@ -178,7 +188,14 @@ def sbc_ranks(solver: Any, n_simulations: int, n_samples: int = 99, *,
     S = solver.sample_posterior(Y, n_samples=n_samples)
     if prior.data_range is not None:
         X = np.clip(X, *prior.data_range)
-    return ranks(X, S, rng)
+    R = ranks(X, S, rng)
+    if not misfit:
+        return R
+    S = np.asarray(S, dtype=np.float64)
+    fit = np.linalg.norm(solver.operator.measure(np.concatenate([X, S.reshape(-1, X.shape[1])]))
+                         - np.concatenate([Y, np.repeat(Y, S.shape[1], 0)]), axis=1)
+    truth, draws = fit[:len(X)], fit[len(X):].reshape(len(X), -1)
+    return np.column_stack([R, ranks(truth[:, None], draws[..., None], rng)])
 
 
 def _bins(n_ranks, n_values):

@@ -132,6 +132,32 @@ def test_sbc_of_an_exact_and_of_a_too_narrow_sampler(scale, calibrated):
         assert p < 1e-3 and cov90 < 0.8
 
 
+class PriorSolver(ExactGaussianSolver):
+    """Draws of the prior itself, whatever the measurements."""
+
+    def sample_posterior(self, Y, n_samples):
+        with torch.no_grad():
+            z = torch.as_tensor(self.rng.normal(size=(len(Y) * n_samples, len(self.mu))))
+            return self.prior.flow_.inverse(z.float())[0].double().numpy().reshape(
+                len(Y), n_samples, -1)
+
+
+def test_sbc_misfit_rank_tells_prior_draws_from_posterior_draws():
+    """Prior draws pass the per-feature SBC (the truth is a prior draw too) and fail the
+    misfit column; exact posterior draws pass both."""
+    prior = gaussian_prior()
+    op = CompressedSensing(6, 4, random_state=0)
+    for solver, calibrated in ((ExactGaussianSolver(prior, op, sigma=0.3), True),
+                               (PriorSolver(prior, op, sigma=0.3), False)):
+        R = sbc_ranks(solver, 300, 99, misfit=True, random_state=0)
+        assert R.shape == (300, 7) and R.min() >= 0 and R.max() <= 99
+        assert rank_uniformity(R[:, :-1], 99) > 0.01
+        if calibrated:
+            assert rank_uniformity(R[:, -1:], 99) > 0.01
+        else:  # the truth fits its measurement better than the prior's draws do
+            assert rank_uniformity(R[:, -1:], 99) < 1e-6 and R[:, -1].mean() < 20
+
+
 def test_sbc_simulates_with_the_solvers_sigma():
     """With the sampler's posterior for sigma 0.3 but measurements simulated at 1.0 the ranks
     are not uniform: noise_std is what the check is about."""
