@@ -375,6 +375,8 @@ def _f(value, digits=2):
 
 
 def _p(value):
+    if value == 0:  # below the smallest float
+        return "**<1e-300**"
     return f"{value:.2g}" if value >= 0.01 else f"**{value:.0e}**"
 
 
@@ -412,7 +414,7 @@ def tables(name="calibration"):
         rows = []
         for m in names:
             cells = [f"{sbc[t][m]['coverage']['0.9']:.3f} / {_p(sbc[t][m]['p_uniform'])} / "
-                     + (_p(sbc[t][m]["p_misfit"]) if "p_misfit" in sbc[t][m] else "")
+                     + (_p(sbc[t][m]["p_misfit"]) if "p_misfit" in sbc[t][m] else "–")
                      for t in tasks]
             cpu = np.mean([sbc[t][m]["cpu_seconds_per_obs"] for t in tasks])
             rows.append([f"`{m}`", *cells, _f(cpu, 3)])
