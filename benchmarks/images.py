@@ -24,9 +24,10 @@ remade for the operator's zero border: ``wiener_boundary``, ``richardson_lucy_bo
 pinv; the exact posterior mean of the GMM above; flowsk's ``glowip`` (``gamma``) and ``map``
 (``beta``, with ``sigma`` the task's noise), each tuned by GridSearchCV on the same patches,
 with the ``glow``/affine prior trained for ``INVERSE_EPOCHS``; the posterior methods' draws
-(mean, per-pixel 90 % coverage) on the first ``N_POSTERIOR`` test patches. ``--tasks`` runs
-some tasks and merges their rows into the results file (each row keeps its own provenance), so
-tasks can run in separate processes once the prior and the GMM are cached. Writes
+(mean, per-pixel 90 % coverage) on the first ``N_POSTERIOR`` test patches (``POSTERIOR``).
+``--tasks`` runs some tasks and merges their rows into the results file (each row keeps its
+own provenance), so tasks can run in separate processes once the prior and the GMM are
+cached. Writes
 results/images.png: truth / measurement / best classical / best flowsk / posterior std for the
 first test patch of each task.
 
@@ -77,13 +78,16 @@ GMM_COMPONENTS = {16: (1, 4, 16), 32: (1, 2, 4)}
 GMM_MAX_ITER = {16: 50, 32: 30}
 INVERSE_PRIOR = ("glow", "affine")
 INVERSE_EPOCHS = 30  # the inverse problems get a prior trained longer than the density budget
-N_TEST, N_VAL, N_POSTERIOR = 200, 20, 8
+N_TEST, N_VAL, N_POSTERIOR = 200, 20, 32
 #: flowsk's point methods and their GridSearchCV grids (``map``'s sigma is the task's noise)
 GLOWIP = {"gamma": [0.0, 0.001, 0.01, 0.03, 0.1], "n_iter": [300]}
 MAP = {"beta": [0.125, 0.25, 0.5, 1.0, 2.0], "n_iter": [1000], "init": ["zeros"]}
-#: posterior methods on the first N_POSTERIOR test patches
-POSTERIOR = {"n_samples": 16, "method_params": {"burn_in": 200, "thin": 4, "n_chains": 4}}
-POSTERIOR_METHODS = ("langevin",)  # the CPU budget at 1024 dimensions
+#: posterior methods on the first N_POSTERIOR test patches, 32 draws each: no Laplace
+#: preconditioner at 1024 dimensions (its Jacobians cost a backward pass per measurement and
+#: Gauss-Newton step), chains from perturb-and-MAP points
+POSTERIOR = {"n_samples": 32, "method_params": {"burn_in": 200, "thin": 4, "n_chains": 4,
+                                                "preconditioner": "identity"}}
+POSTERIOR_METHODS = ("mala",)
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -453,8 +457,9 @@ def run_inverse(quick, task_names=None):
             params = POSTERIOR["method_params"]
             post = InverseSolver(prior, op, method=method, sigma=noise, random_state=SEED,
                                  n_samples=POSTERIOR["n_samples"],
-                                 method_params={**params, "burn_in": 10} if quick else params)
-            S, wall, _ = timed(post.sample_posterior, Y[:n_post])
+                                 method_params={**params, "burn_in": 10, "start_iter": 10}
+                                 if quick else params)
+            S, wall, _ = timed(post.sample_posterior, Y[:n_post], POSTERIOR["n_samples"])
             row[method] = {**scores(X_test[:n_post], S.mean(1), shape, wall),
                            "kind": "flowsk-posterior", "n_patches": n_post,
                            "coverage90": coverage(X_test[:n_post], S)}

@@ -15,11 +15,24 @@ damped Gauss-Newton steps), and the chains run in whitened coordinates ``w``,
 ``z = z_map + L w`` with ``L L^T = H^-1``: a constant change of variables, so every sampler
 stays exact, while the directions that the measurements pin down and those they leave free
 mix at one rate (without it the step must be small against the stiffest direction,
-``~sigma^2``, and the free directions barely move). Chains start at ``w ~ N(0, I)``, i.e. at
-draws of the Laplace approximation.
-``preconditioner="identity"`` runs on ``z`` itself from prior draws and stores no ``d x d``
-matrix (for large latent spaces). Starts where the log-posterior is not finite (the generator
-overflows) are redrawn, ten times at most (then ``w = 0``); a step into that region is rejected.
+``~sigma^2``, and the free directions barely move).
+``preconditioner="identity"`` runs on ``z`` itself and stores no ``d x d`` matrix, and forms no
+Jacobian (for large latent spaces: the Laplace approximation costs ``m`` backward passes per
+Gauss-Newton step).
+
+Starts (``start``; None: ``"laplace"`` with that preconditioner, else ``"perturbed-map"``):
+
+- ``"laplace"``: ``w ~ N(0, I)``, draws of the Laplace approximation;
+- ``"perturbed-map"``: perturb-and-MAP points (Papandreou and Yuille 2011),
+  ``argmin_z ||z - xi||^2 / 2 + ||A(G(z)) - y - sigma eta||^2 / (2 sigma^2)`` for
+  ``xi, eta ~ N(0, I)`` drawn per chain, by ``start_iter`` Adam steps from ``xi`` (the
+  optimisation of ``map``, learning rate 0.05): draws of the exact posterior for an affine
+  generator and a linear operator, and near the measurements otherwise, where chains from prior
+  draws would take thousands of steps of size ``~sigma^2`` to arrive;
+- ``"prior"``: prior draws.
+
+Starts where the log-posterior is not finite (the generator overflows) are redrawn from the
+prior, ten times at most (then ``w = 0``); a step into that region is rejected.
 
 Step sizes. ``step_size=None`` derives the first step from ``lambda``, the largest eigenvalue
 of the (whitened) Gauss-Newton Hessian ``I + J^T J / sigma^2`` at each chain's start (power
@@ -50,6 +63,7 @@ Draws of one chain are correlated, and correlated draws make credible intervals 
 steps, every 5th state kept) trade that against cost: more chains, or a larger ``thin``, give
 draws closer to independent.
 """
+import dataclasses
 import math
 
 import torch
@@ -58,6 +72,10 @@ from tqdm.auto import tqdm
 from .._validation import check_choice, check_int
 from .base import Method, redraw_nonfinite, sum_squares
 from .laplace import covariance_factor, laplace
+from .latent import LatentOptimization
+
+#: where chains start; see the module docstring
+STARTS = ("laplace", "perturbed-map", "prior")
 
 
 class _Target:
@@ -77,6 +95,15 @@ class _Target:
         n, d = len(self.Y), w.shape[1]
         z = w.view(n, self.c, d) @ self.L.transpose(1, 2)
         return (z if self.z0 is None else self.z0[:, None] + z).reshape(-1, d)
+
+    def w(self, z):
+        """The inverse of :meth:`z`: ``(B, d) -> (B, d)``."""
+        if self.L is None:
+            return z
+        n, d = len(self.Y), z.shape[1]
+        z = z.view(n, self.c, d) - (0 if self.z0 is None else self.z0[:, None])
+        w = torch.linalg.solve_triangular(self.L, z.transpose(1, 2), upper=False)
+        return w.transpose(1, 2).reshape(-1, d)
 
     def residual(self, w):
         return self.problem.operator(self.problem.flow.inverse(self.z(w))[0]) - self.y
@@ -141,11 +168,36 @@ class _DualAveraging:
         return self.log_mean.exp()
 
 
+class _PerturbedMAP(LatentOptimization):
+    """``||z - xi||^2 / 2 + ||A(G(z)) - y||^2 / (2 sigma^2)`` from ``z = xi``."""
+
+    def __init__(self, xi):
+        self.xi = xi
+
+    def _init(self, problem, shape):
+        return self.xi.clone()
+
+    def objective(self, problem, x, log_px, z, y):
+        return (0.5 * sum_squares(z - self.xi)
+                + sum_squares(problem.operator(x) - y) / (2 * problem.params["sigma"] ** 2))
+
+
+def perturbed_map(problem, Y, n_chains, n_iter):
+    """Perturb-and-MAP latents ``(n * n_chains, d)``, the chains of one observation together."""
+    sigma = problem.params["sigma"]
+    xi = problem.randn(len(Y) * n_chains, problem.flow.latent_dim)
+    y = Y.repeat_interleave(n_chains, 0)
+    y = y + sigma * problem.randn(*y.shape)
+    params = {"sigma": sigma, "n_iter": n_iter, "learning_rate": 0.05, "n_restarts": 1}
+    with torch.enable_grad():
+        return _PerturbedMAP(xi).optimize(dataclasses.replace(problem, params=params), y)
+
+
 class LatentMCMC(Method):
     posterior = True
     defaults = {"sigma": 0.1, "n_samples": 32, "step_size": None, "burn_in": 200, "thin": 5,
                 "n_chains": 16, "preconditioner": "laplace", "laplace_steps": 20,
-                "target_accept": None}
+                "start": None, "start_iter": 500, "target_accept": None}
 
     def initial_step(self, d, curvature):
         """The default first step ``(B,)`` for latent dimension ``d``."""
@@ -163,6 +215,11 @@ class LatentMCMC(Method):
         check_int("n_chains", p["n_chains"], 1)
         check_int("laplace_steps", p["laplace_steps"], 0)
         check_choice("preconditioner", p["preconditioner"], ("laplace", "identity"))
+        check_int("start_iter", p["start_iter"], 1)
+        if p["start"] is not None:
+            check_choice("start", p["start"], STARTS)
+            if p["start"] == "laplace" and p["preconditioner"] != "laplace":
+                raise ValueError("start='laplace' needs preconditioner='laplace'")
         step = p["step_size"]
         if step is not None and not (isinstance(step, (int, float)) and math.isfinite(step)
                                      and step > 0):
@@ -180,8 +237,16 @@ class LatentMCMC(Method):
             target = _Target(problem, Y, c, z0, covariance_factor(H, z0.dtype))
         else:
             target = _Target(problem, Y, c)
+        start = p["start"] or ("laplace" if p["preconditioner"] == "laplace" else "perturbed-map")
+        first = [perturbed_map(problem, Y, c, p["start_iter"])] if start == "perturbed-map" else []
+
+        def draw():  # perturb-and-MAP points first, prior draws to replace non-finite ones
+            if start == "laplace":
+                return problem.randn(n * c, d)
+            return target.w(first.pop() if first else problem.randn(n * c, d))
+
         with torch.no_grad():
-            w, log_p = redraw_nonfinite(lambda: problem.randn(n * c, d), target.log_p)
+            w, log_p = redraw_nonfinite(draw, target.log_p)
         w = torch.where(torch.isfinite(log_p)[:, None], w, 0.0)
         if p["step_size"] is None:
             step = self.initial_step(d, target.curvature(w))
