@@ -15,7 +15,8 @@ importance resampling with Pareto-smoothed weights), computed from the same fitt
   0.95, the p-value of rank uniformity (chi-squared per pixel, Bonferroni over the 64) and that
   of the misfit ``||A(x) - y||``'s rank (``misfit=True``; prior-like draws fail it) with its
   mean fractional rank (low: draws fit the data worse than the truth). ``mala-identity`` is
-  ``mala`` with ``preconditioner="identity"`` (SBC only).
+  ``mala`` with ``preconditioner="identity"`` (chains from perturb-and-MAP points, its default
+  there), ``mala-prior-start`` the same from prior draws (both SBC only).
   Figures ``results/calibration-sbc-TASK.png``: rank histograms and ECDF differences.
 - ``gaussian``: ``FlowPrior()`` (defaults) fitted to 4000 draws of a 4-D Gaussian; cs 4 -> 2,
   noise 0.1, 10 observations, 2000 draws per method. The reference is the exact posterior of
@@ -77,11 +78,12 @@ SBC_TASKS = ("denoise", "inpaint", "cs16")
 TASKS = ("denoise", "inpaint", "cs16", "deblur", "sr2")
 METHOD_NAMES = ("mala", "hmc", "smc", "langevin", "pl-mcmc", "vi", "vi+is", "amortized-vi",
                 "ambient-vi")
-SBC_METHODS = ("mala", "mala-identity", "hmc", "smc", "langevin", "pl-mcmc", "vi", "vi+is",
-               "amortized-vi")
-#: SBC only: name -> (method, its parameters); ``mala`` on the latents themselves, from prior
-#: draws (no Laplace preconditioner)
-VARIANTS = {"mala-identity": ("mala", {"preconditioner": "identity"})}
+SBC_METHODS = ("mala", "mala-identity", "mala-prior-start", "hmc", "smc", "langevin", "pl-mcmc",
+               "vi", "vi+is", "amortized-vi")
+#: SBC only: name -> (method, its parameters); ``mala`` on the latents themselves (no Laplace
+#: preconditioner), from perturb-and-MAP points (its default there) and from prior draws
+VARIANTS = {"mala-identity": ("mala", {"preconditioner": "identity"}),
+            "mala-prior-start": ("mala", {"preconditioner": "identity", "start": "prior"})}
 #: for time, ``ambient-vi`` runs in the Gaussian part only, ``hmc`` and ``pl-mcmc`` also in SBC
 DIGIT_METHODS = ("mala", "smc", "langevin", "vi", "vi+is", "amortized-vi")
 N_SIM, N_DRAWS, N_DIGITS, N_IS, IMPORTANCE = 200, 99, 40, 4_000_000, 1000
@@ -89,7 +91,8 @@ QUICK = {"n_sim": 20, "n_draws": 19, "n_digits": 10, "n_is": 200_000,
          "params": {"vi": {"n_iter": 20}, "ambient-vi": {"n_iter": 20},
                     "amortized-vi": {"method_params": {"n_iter": 2, "n_simulations": 1000}},
                     "mala": {"method_params": {"burn_in": 20}},
-                    "mala-identity": {"method_params": {"burn_in": 20}},
+                    "mala-identity": {"method_params": {"burn_in": 20, "start_iter": 20}},
+                    "mala-prior-start": {"method_params": {"burn_in": 20}},
                     "hmc": {"method_params": {"burn_in": 10}},
                     "smc": {"method_params": {"n_moves": 2, "n_particles": 32}},
                     "langevin": {"method_params": {"burn_in": 20}},
