@@ -14,9 +14,10 @@ importance resampling with Pareto-smoothed weights), computed from the same fitt
   (:func:`flowsk.diagnostics.sbc_ranks`). Per method: per-pixel coverage at 0.5 / 0.8 / 0.9 /
   0.95, the p-value of rank uniformity (chi-squared per pixel, Bonferroni over the 64) and that
   of the misfit ``||A(x) - y||``'s rank (``misfit=True``; prior-like draws fail it) with its
-  mean fractional rank (low: draws fit the data worse than the truth). ``mala-identity`` is
-  ``mala`` with ``preconditioner="identity"`` (chains from perturb-and-MAP points, its default
-  there), ``mala-prior-start`` the same from prior draws (both SBC only).
+  mean fractional rank (low: draws fit the data worse than the truth). ``mala-laplace-start``
+  is ``mala`` from draws of the Laplace approximation, ``mala-identity`` ``mala`` with
+  ``preconditioner="identity"`` (chains from perturb-and-MAP points, the default start),
+  ``mala-prior-start`` the same from prior draws (all SBC only).
   Figures ``results/calibration-sbc-TASK.png``: rank histograms and ECDF differences.
 - ``gaussian``: ``FlowPrior()`` (defaults) fitted to 4000 draws of a 4-D Gaussian; cs 4 -> 2,
   noise 0.1, 10 observations, 2000 draws per method. The reference is the exact posterior of
@@ -78,11 +79,13 @@ SBC_TASKS = ("denoise", "inpaint", "cs16")
 TASKS = ("denoise", "inpaint", "cs16", "deblur", "sr2")
 METHOD_NAMES = ("mala", "hmc", "smc", "langevin", "pl-mcmc", "vi", "vi+is", "amortized-vi",
                 "ambient-vi")
-SBC_METHODS = ("mala", "mala-identity", "mala-prior-start", "hmc", "smc", "langevin", "pl-mcmc",
-               "vi", "vi+is", "amortized-vi")
-#: SBC only: name -> (method, its parameters); ``mala`` on the latents themselves (no Laplace
-#: preconditioner), from perturb-and-MAP points (its default there) and from prior draws
-VARIANTS = {"mala-identity": ("mala", {"preconditioner": "identity"}),
+SBC_METHODS = ("mala", "mala-laplace-start", "mala-identity", "mala-prior-start", "hmc", "smc",
+               "langevin", "pl-mcmc", "vi", "vi+is", "amortized-vi")
+#: SBC only: name -> (method, its parameters); ``mala`` from draws of the Laplace
+#: approximation, and on the latents themselves (no Laplace preconditioner) from perturb-and-MAP
+#: points (the default start) and from prior draws
+VARIANTS = {"mala-laplace-start": ("mala", {"start": "laplace"}),
+            "mala-identity": ("mala", {"preconditioner": "identity"}),
             "mala-prior-start": ("mala", {"preconditioner": "identity", "start": "prior"})}
 #: for time, ``ambient-vi`` runs in the Gaussian part only, ``hmc`` and ``pl-mcmc`` also in SBC
 DIGIT_METHODS = ("mala", "smc", "langevin", "vi", "vi+is", "amortized-vi")
@@ -91,6 +94,7 @@ QUICK = {"n_sim": 20, "n_draws": 19, "n_digits": 10, "n_is": 200_000,
          "params": {"vi": {"n_iter": 20}, "ambient-vi": {"n_iter": 20},
                     "amortized-vi": {"method_params": {"n_iter": 2, "n_simulations": 1000}},
                     "mala": {"method_params": {"burn_in": 20}},
+                    "mala-laplace-start": {"method_params": {"burn_in": 20}},
                     "mala-identity": {"method_params": {"burn_in": 20, "start_iter": 20}},
                     "mala-prior-start": {"method_params": {"burn_in": 20}},
                     "hmc": {"method_params": {"burn_in": 10}},

@@ -237,8 +237,8 @@ def test_chains_stay_where_the_posterior_is_finite(method):
     mu = prior.inverse_transform(np.zeros((1, N)))[0]
     Y = np.stack([mu, np.full(N, 1.4)])
     sigma = 0.2
-    settings = {"langevin": dict(step_size=0.01, burn_in=200, thin=2, n_chains=100),
-                "pl-mcmc": dict(step_size=0.1, burn_in=300, thin=4, n_chains=100),
+    settings = {"langevin": dict(start="prior", burn_in=200, thin=2, n_chains=100),
+                "pl-mcmc": dict(start="prior", step_size=0.1, burn_in=300, thin=4, n_chains=100),
                 "smc": dict(n_particles=2000)}[method]
     draws = InverseSolver(prior, op, method=method, sigma=sigma, method_params=settings,
                           random_state=0).sample_posterior(Y, n_samples=2000)

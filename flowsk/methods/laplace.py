@@ -16,10 +16,11 @@ import torch
 from .base import sum_squares
 
 
-def map_objective(problem, z, Y):
-    """``-log p(z | y)`` up to a constant: ``(n, d), (n, m) -> (n,)``."""
+def map_objective(problem, z, Y, anchor=0.0):
+    """``||z - anchor||^2 / 2 + ||A(G(z)) - y||^2 / (2 sigma^2)`` (``-log p(z | y)`` up to a
+    constant for ``anchor = 0``): ``(n, d), (n, m) -> (n,)``."""
     r = problem.operator(problem.flow.inverse(z)[0]) - Y
-    return 0.5 * sum_squares(z) + sum_squares(r) / (2 * problem.params["sigma"] ** 2)
+    return 0.5 * sum_squares(z - anchor) + sum_squares(r) / (2 * problem.params["sigma"] ** 2)
 
 
 def batch_jacobian(f, z):
@@ -37,15 +38,18 @@ def residual_jacobian(problem, z, Y):
     return batch_jacobian(lambda z: problem.operator(problem.flow.inverse(z)[0]) - Y, z)
 
 
-def laplace(problem, Y, steps, tol=1e-3):
+def laplace(problem, Y, steps, tol=1e-3, anchor=None):
     """``(z_map (n, d), H (n, d, d), float64)`` for observations ``Y (n, m)``, after at most
     ``steps`` damped Gauss-Newton steps from ``z = 0``; the steps stop early once no
     observation's objective falls by more than ``tol`` nats in a step while its damping is
-    still usable."""
+    still usable. ``anchor (n, d)`` replaces the prior term by ``||z - anchor||^2 / 2`` and
+    starts there (the perturb-and-MAP problem of :mod:`.mcmc`)."""
     inv_var = 1.0 / problem.params["sigma"] ** 2
-    z = torch.zeros(len(Y), problem.flow.latent_dim, device=Y.device)
+    z = (torch.zeros(len(Y), problem.flow.latent_dim, device=Y.device) if anchor is None
+         else anchor.clone())
+    anchor = 0.0 if anchor is None else anchor
     with torch.no_grad():
-        best = map_objective(problem, z, Y)
+        best = map_objective(problem, z, Y, anchor)
     eye = torch.eye(z.shape[1], dtype=torch.float64, device=z.device)
     damping, done = torch.zeros(len(Y), dtype=torch.float64, device=Y.device), False
     for step in range(steps + 1):
@@ -54,11 +58,11 @@ def laplace(problem, Y, steps, tol=1e-3):
         H = eye + inv_var * J.transpose(1, 2) @ J
         if step == steps or done:
             return z, H
-        g = z.double() + inv_var * (J.transpose(1, 2) @ r[..., None])[..., 0]
+        g = (z - anchor).double() + inv_var * (J.transpose(1, 2) @ r[..., None])[..., 0]
         step_z = torch.linalg.solve(H + damping[:, None, None] * eye, g[..., None])[..., 0]
         trial_z = z - step_z.to(z.dtype)
         with torch.no_grad():
-            trial = map_objective(problem, trial_z, Y)
+            trial = map_objective(problem, trial_z, Y, anchor)
         better = torch.isfinite(trial) & (trial < best)
         active = torch.where(better, best - trial > tol, damping < 1e6)
         z = torch.where(better[:, None], trial_z, z)

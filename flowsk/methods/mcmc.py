@@ -18,17 +18,21 @@ mix at one rate (without it the step must be small against the stiffest directio
 ``~sigma^2``, and the free directions barely move).
 ``preconditioner="identity"`` runs on ``z`` itself and stores no ``d x d`` matrix, and forms no
 Jacobian (for large latent spaces: the Laplace approximation costs ``m`` backward passes per
-Gauss-Newton step).
+Gauss-Newton step, on ``n_chains`` times the rows for the default start).
 
-Starts (``start``; None: ``"laplace"`` with that preconditioner, else ``"perturbed-map"``):
+Starts (``start``; None: ``"perturbed-map"``):
 
-- ``"laplace"``: ``w ~ N(0, I)``, draws of the Laplace approximation;
 - ``"perturbed-map"``: perturb-and-MAP points (Papandreou and Yuille 2011),
   ``argmin_z ||z - xi||^2 / 2 + ||A(G(z)) - y - sigma eta||^2 / (2 sigma^2)`` for
-  ``xi, eta ~ N(0, I)`` drawn per chain, by ``start_iter`` Adam steps from ``xi`` (the
-  optimisation of ``map``, learning rate 0.05): draws of the exact posterior for an affine
-  generator and a linear operator, and near the measurements otherwise, where chains from prior
-  draws would take thousands of steps of size ``~sigma^2`` to arrive;
+  ``xi, eta ~ N(0, I)`` drawn per chain, from ``z = xi``: with the Laplace preconditioner by at
+  most ``laplace_steps`` damped Gauss-Newton steps (as the MAP point, so converged), with
+  ``"identity"`` by ``start_iter`` Adam steps (the optimisation of ``map``, learning rate 0.05;
+  no Jacobian, less converged). These are draws of the exact posterior for an affine generator
+  and a linear operator, and near it otherwise, where chains from prior draws would take
+  thousands of steps of size ``~sigma^2`` to arrive and chains from the Laplace approximation
+  stay too narrow where the posterior is curved;
+- ``"laplace"``: ``w ~ N(0, I)``, draws of the Laplace approximation (the linearised
+  perturb-and-MAP points: no optimisation per chain);
 - ``"prior"``: prior draws.
 
 Starts where the log-posterior is not finite (the generator overflows) are redrawn from the
@@ -182,12 +186,16 @@ class _PerturbedMAP(LatentOptimization):
                 + sum_squares(problem.operator(x) - y) / (2 * problem.params["sigma"] ** 2))
 
 
-def perturbed_map(problem, Y, n_chains, n_iter):
-    """Perturb-and-MAP latents ``(n * n_chains, d)``, the chains of one observation together."""
+def perturbed_map(problem, Y, n_chains, n_iter, newton_steps=None):
+    """Perturb-and-MAP latents ``(n * n_chains, d)``, the chains of one observation together:
+    at most ``newton_steps`` damped Gauss-Newton steps (:func:`.laplace.laplace`), or, with
+    None, ``n_iter`` Adam steps."""
     sigma = problem.params["sigma"]
     xi = problem.randn(len(Y) * n_chains, problem.flow.latent_dim)
     y = Y.repeat_interleave(n_chains, 0)
     y = y + sigma * problem.randn(*y.shape)
+    if newton_steps is not None:
+        return laplace(problem, y, newton_steps, anchor=xi)[0]
     params = {"sigma": sigma, "n_iter": n_iter, "learning_rate": 0.05, "n_restarts": 1}
     with torch.enable_grad():
         return _PerturbedMAP(xi).optimize(dataclasses.replace(problem, params=params), y)
@@ -237,8 +245,10 @@ class LatentMCMC(Method):
             target = _Target(problem, Y, c, z0, covariance_factor(H, z0.dtype))
         else:
             target = _Target(problem, Y, c)
-        start = p["start"] or ("laplace" if p["preconditioner"] == "laplace" else "perturbed-map")
-        first = [perturbed_map(problem, Y, c, p["start_iter"])] if start == "perturbed-map" else []
+        start = p["start"] or "perturbed-map"
+        newton = p["laplace_steps"] if p["preconditioner"] == "laplace" else None
+        first = ([perturbed_map(problem, Y, c, p["start_iter"], newton)]
+                 if start == "perturbed-map" else [])
 
         def draw():  # perturb-and-MAP points first, prior draws to replace non-finite ones
             if start == "laplace":
