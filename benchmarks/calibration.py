@@ -36,8 +36,8 @@ importance resampling with Pareto-smoothed weights), computed from the same fitt
 
 Results merge into ``results/calibration.json`` (each part, task and method replaces its own
 row, and each row keeps its run's provenance, so parts and methods run separately or in
-parallel). ``--methods`` runs some methods only (the rank figures stay those of the last run
-of all methods). ``--quick`` runs tiny sizes into ``results/calibration-quick.json``.
+parallel). ``--methods`` runs some methods only; the pixel ranks of every method are kept in
+``results/calibration-ranks-TASK.npz`` and the rank figures drawn from all that are stored. ``--quick`` runs tiny sizes into ``results/calibration-quick.json``.
 
     python benchmarks/calibration.py --part sbc|gaussian|digits [--tasks ...] [--methods ...]
                                      [--quick]
@@ -216,16 +216,27 @@ def run_sbc(tasks, methods, quick):
             ranks_of[name] = R
             print(task, name, row[name], flush=True)
         rows[task] = row
-        if not methods:  # a run of some methods leaves the full run's figure
-            rank_figure(ranks_of, n_draws, task, quick)
+        rank_figure(merge_ranks(ranks_of, task, quick), n_draws, task, quick)
     return rows
+
+
+def merge_ranks(ranks_of, task, quick):
+    """Store this run's pixel ranks (name -> ``(n_sim, 64)``) in
+    ``results/calibration-ranks-TASK.npz`` next to those of methods other runs measured, and
+    return them all, so the figure shows the rows of the table."""
+    path = RESULTS / f"calibration-ranks-{task}{'-quick' if quick else ''}.npz"
+    stored = dict(np.load(path)) if path.exists() else {}
+    stored.update({name: R.astype(np.int16) for name, R in ranks_of.items()})
+    np.savez_compressed(path, **stored)
+    return stored
 
 
 def rank_figure(ranks_of, n_draws, task, quick):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = [n for n in ("mala", "hmc", "smc", "langevin", "vi", "vi+is") if n in ranks_of]
+    names = [n for n in ("mala", "mala-laplace-start", "hmc", "smc", "langevin", "vi", "vi+is")
+             if n in ranks_of]
     fig, axes = plt.subplots(len(names), 2, figsize=(8, 2.3 * len(names)), squeeze=False)
     for name, ax in zip(names, axes):
         plot_ranks(ranks_of[name], n_draws, title=f"{task}: {name}", axes=ax)
