@@ -37,7 +37,8 @@ importance resampling with Pareto-smoothed weights), computed from the same fitt
 Results merge into ``results/calibration.json`` (each part, task and method replaces its own
 row, and each row keeps its run's provenance, so parts and methods run separately or in
 parallel). ``--methods`` runs some methods only; the pixel ranks of every method are kept in
-``results/calibration-ranks-TASK.npz`` and the rank figures drawn from all that are stored. ``--quick`` runs tiny sizes into ``results/calibration-quick.json``.
+``results/calibration-ranks-TASK.npz`` and the rank figures drawn from all that are stored.
+``--quick`` runs tiny sizes into ``results/calibration-quick.json``.
 
     python benchmarks/calibration.py --part sbc|gaussian|digits [--tasks ...] [--methods ...]
                                      [--quick]

@@ -31,11 +31,18 @@ cached. Writes
 results/images.png: truth / measurement / best classical / best flowsk / posterior std for the
 first test patch of each task.
 
+``sbc``: simulation-based calibration of the posterior methods at 32x32 with the inverse
+prior as the truth (:func:`flowsk.diagnostics.sbc_ranks` with ``misfit=True``), at the inverse
+part's settings: per-pixel coverage of the rank intervals, the p-values of pixel-rank and
+misfit-rank uniformity, the misfit's mean fractional rank. It tells the sampler's share of
+the inverse part's coverage gap from the prior's.
+
 Priors and GMMs are cached as results/*.joblib (refitted when their settings or the training
 code change).
 
     python benchmarks/images.py density --size 16 [--epochs N --models glow/affine ...] [--quick]
     python benchmarks/images.py inverse [--tasks denoise ...] [--quick]
+    python benchmarks/images.py sbc [--tasks denoise ...] [--quick]
 """
 import argparse
 import functools
@@ -88,6 +95,8 @@ MAP = {"beta": [0.125, 0.25, 0.5, 1.0, 2.0], "n_iter": [1000], "init": ["zeros"]
 POSTERIOR = {"n_samples": 32, "method_params": {"burn_in": 200, "thin": 4, "n_chains": 4,
                                                 "preconditioner": "identity"}}
 POSTERIOR_METHODS = ("mala",)
+#: ``sbc``: simulations and draws per simulation (32 ranks)
+N_SBC, N_SBC_DRAWS = 50, 31
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -454,11 +463,7 @@ def run_inverse(quick, task_names=None):
                            "param": search.best_params_[tuned], "grid": grid[tuned]}
             recon[method] = R
         for method in POSTERIOR_METHODS:
-            params = POSTERIOR["method_params"]
-            post = InverseSolver(prior, op, method=method, sigma=noise, random_state=SEED,
-                                 n_samples=POSTERIOR["n_samples"],
-                                 method_params={**params, "burn_in": 10, "start_iter": 10}
-                                 if quick else params)
+            post = posterior_solver(prior, op, method, noise, quick)
             S, wall, _ = timed(post.sample_posterior, Y[:n_post], POSTERIOR["n_samples"])
             row[method] = {**scores(X_test[:n_post], S.mean(1), shape, wall),
                            "kind": "flowsk-posterior", "n_patches": n_post,
@@ -483,6 +488,47 @@ def run_inverse(quick, task_names=None):
 
         update_results(f"images-inverse{suffix}", update, meta)
     write_figure(quick)
+
+
+def posterior_solver(prior, op, method, noise, quick):
+    params = POSTERIOR["method_params"]
+    return InverseSolver(prior, op, method=method, sigma=noise, random_state=SEED,
+                         n_samples=POSTERIOR["n_samples"],
+                         method_params={**params, "burn_in": 10, "start_iter": 10}
+                         if quick else params)
+
+
+def run_sbc(quick, task_names=None):
+    """SBC at 32x32 with the inverse part's prior as the truth (``x = G(z)``, so the prior's
+    misfit to photographs drops out): per task, the posterior methods at the inverse part's
+    settings, ``N_SBC`` simulations of ``N_SBC_DRAWS`` draws; merges the tasks' rows into
+    results/images-sbc.json."""
+    from flowsk.diagnostics import LEVELS, rank_coverage, rank_uniformity, sbc_ranks
+    torch.set_num_threads(1)
+    meta = metadata(seed=SEED, quick=quick)
+    prior, _ = flow_prior(32, *INVERSE_PRIOR, quick, epochs=INVERSE_EPOCHS)
+    n_sim, n_draws = (10, 7) if quick else (N_SBC, N_SBC_DRAWS)
+    for task, (op, noise) in tasks((1, 32, 32)).items():
+        if task_names and task not in task_names:
+            continue
+        row = {}
+        for method in POSTERIOR_METHODS:
+            start = time.process_time()
+            R = sbc_ranks(posterior_solver(prior, op, method, noise, quick), n_sim, n_draws,
+                          misfit=True, random_state=SEED)
+            R, misfit = R[:, :-1], R[:, -1:]
+            row[method] = {"coverage": dict(zip(map(str, LEVELS), rank_coverage(R, n_draws))),
+                           "p_uniform": rank_uniformity(R, n_draws),
+                           "p_misfit": rank_uniformity(misfit, n_draws),
+                           "misfit_rank_mean": float(misfit.mean() / n_draws),
+                           "cpu_seconds_per_obs": (time.process_time() - start) / n_sim}
+            print(task, method, row[method], flush=True)
+
+        def update(payload, task=task, row=row):
+            return {"n_simulations": n_sim, "n_draws": n_draws, "posterior": POSTERIOR,
+                    "results": {**payload.get("results", {}), task: {**row, "meta": meta}}}
+
+        update_results(f"images-sbc{'-quick' if quick else ''}", update, meta)
 
 
 def best_of(row, kind):
@@ -581,24 +627,40 @@ def tables():
         out["inverse_all"] = markdown_table(["task"] + names, rows) + (
             "\n\nPSNR dB / seconds per patch of every method (tuned parameters: "
             "results/images-inverse.json).")
+    if (RESULTS / "images-sbc.json").exists():
+        res = read_results("images-sbc")
+        rows, metas = [], {}
+        for task, row in res["results"].items():
+            metas.setdefault(provenance(row.pop("meta")), []).append(task)
+            for method, r in row.items():
+                rows.append([task, f"`{method}`"] + [f"{v:.3f}" for v in r["coverage"].values()]
+                            + [f"{r['p_uniform']:.2g}", f"{r['p_misfit']:.2g}",
+                               f"{r['misfit_rank_mean']:.2f}", f"{r['cpu_seconds_per_obs']:.1f}"])
+        out["sbc"] = "\n\n".join([
+            markdown_table(["task", "method", "0.5", "0.8", "0.9", "0.95", "pixels p",
+                            "misfit p", "misfit mean rank", "CPU s / simulation"], rows),
+            f"{res['n_simulations']} simulations of {res['n_draws']} draws per task. "
+            + "; ".join(f"{', '.join(t)}: {line}" for line, t in metas.items())])
     return out
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=("density", "inverse"))
+    parser.add_argument("part", choices=("density", "inverse", "sbc"))
     parser.add_argument("--size", type=int, choices=(16, 32), default=16)
     parser.add_argument("--epochs", type=int, help="density: the epoch budget")
     parser.add_argument("--models", nargs="+",
                         help="density: architecture/coupling[/permutation|rotation], ...")
     parser.add_argument("--tasks", nargs="+", choices=tuple(tasks((1, 32, 32))),
-                        help="inverse: the tasks to run (default: all)")
+                        help="inverse, sbc: the tasks to run (default: all)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.part == "density":
         run_density(args.size, args.quick, args.epochs, args.models)
-    else:
+    elif args.part == "inverse":
         run_inverse(args.quick, args.tasks)
+    else:
+        run_sbc(args.quick, args.tasks)
 
 
 if __name__ == "__main__":
