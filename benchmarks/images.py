@@ -42,7 +42,7 @@ code change).
 
     python benchmarks/images.py density --size 16 [--epochs N --models glow/affine ...] [--quick]
     python benchmarks/images.py inverse [--tasks denoise ...] [--quick]
-    python benchmarks/images.py sbc [--tasks denoise ...] [--quick]
+    python benchmarks/images.py sbc [--tasks denoise ...] [--methods mala ...] [--quick]
 """
 import argparse
 import functools
@@ -95,8 +95,10 @@ MAP = {"beta": [0.125, 0.25, 0.5, 1.0, 2.0], "n_iter": [1000], "init": ["zeros"]
 POSTERIOR = {"n_samples": 32, "method_params": {"burn_in": 200, "thin": 4, "n_chains": 4,
                                                 "preconditioner": "identity"}}
 POSTERIOR_METHODS = ("mala",)
-#: ``sbc``: simulations and draws per simulation (32 ranks)
+#: ``sbc``: simulations and draws per simulation (32 ranks); variants, name -> (method, its
+#: parameters over POSTERIOR's), run with ``--methods``
 N_SBC, N_SBC_DRAWS = 50, 31
+SBC_VARIANTS = {"mala-start2000": ("mala", {"start_iter": 2000})}
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -490,15 +492,15 @@ def run_inverse(quick, task_names=None):
     write_figure(quick)
 
 
-def posterior_solver(prior, op, method, noise, quick):
-    params = POSTERIOR["method_params"]
+def posterior_solver(prior, op, method, noise, quick, **extra):
+    params = {**POSTERIOR["method_params"], **extra}
     return InverseSolver(prior, op, method=method, sigma=noise, random_state=SEED,
                          n_samples=POSTERIOR["n_samples"],
                          method_params={**params, "burn_in": 10, "start_iter": 10}
                          if quick else params)
 
 
-def run_sbc(quick, task_names=None):
+def run_sbc(quick, task_names=None, methods=None):
     """SBC at 32x32 with the inverse part's prior as the truth (``x = G(z)``, so the prior's
     misfit to photographs drops out): per task, the posterior methods at the inverse part's
     settings, ``N_SBC`` simulations of ``N_SBC_DRAWS`` draws; merges the tasks' rows into
@@ -512,21 +514,25 @@ def run_sbc(quick, task_names=None):
         if task_names and task not in task_names:
             continue
         row = {}
-        for method in POSTERIOR_METHODS:
+        for name in methods or POSTERIOR_METHODS:
+            method, extra = SBC_VARIANTS.get(name, (name, {}))
             start = time.process_time()
-            R = sbc_ranks(posterior_solver(prior, op, method, noise, quick), n_sim, n_draws,
-                          misfit=True, random_state=SEED)
+            R = sbc_ranks(posterior_solver(prior, op, method, noise, quick, **extra), n_sim,
+                          n_draws, misfit=True, random_state=SEED)
             R, misfit = R[:, :-1], R[:, -1:]
-            row[method] = {"coverage": dict(zip(map(str, LEVELS), rank_coverage(R, n_draws))),
-                           "p_uniform": rank_uniformity(R, n_draws),
-                           "p_misfit": rank_uniformity(misfit, n_draws),
-                           "misfit_rank_mean": float(misfit.mean() / n_draws),
-                           "cpu_seconds_per_obs": (time.process_time() - start) / n_sim}
-            print(task, method, row[method], flush=True)
+            row[name] = {"coverage": dict(zip(map(str, LEVELS), rank_coverage(R, n_draws))),
+                         "p_uniform": rank_uniformity(R, n_draws),
+                         "p_misfit": rank_uniformity(misfit, n_draws),
+                         "misfit_rank_mean": float(misfit.mean() / n_draws),
+                         "cpu_seconds_per_obs": (time.process_time() - start) / n_sim,
+                         "meta": meta}
+            print(task, name, row[name], flush=True)
 
-        def update(payload, task=task, row=row):
+        def update(payload, task=task, row=row):  # each method's row keeps its provenance
+            results = payload.get("results", {})
             return {"n_simulations": n_sim, "n_draws": n_draws, "posterior": POSTERIOR,
-                    "results": {**payload.get("results", {}), task: {**row, "meta": meta}}}
+                    "variants": SBC_VARIANTS,
+                    "results": {**results, task: {**results.get(task, {}), **row}}}
 
         update_results(f"images-sbc{'-quick' if quick else ''}", update, meta)
 
@@ -631,8 +637,8 @@ def tables():
         res = read_results("images-sbc")
         rows, metas = [], {}
         for task, row in res["results"].items():
-            metas.setdefault(provenance(row.pop("meta")), []).append(task)
             for method, r in row.items():
+                metas.setdefault(provenance(r["meta"]), []).append(f"{task} `{method}`")
                 rows.append([task, f"`{method}`"] + [f"{v:.3f}" for v in r["coverage"].values()]
                             + [f"{r['p_uniform']:.2g}", f"{r['p_misfit']:.2g}",
                                f"{r['misfit_rank_mean']:.2f}", f"{r['cpu_seconds_per_obs']:.1f}"])
@@ -653,6 +659,9 @@ def main():
                         help="density: architecture/coupling[/permutation|rotation], ...")
     parser.add_argument("--tasks", nargs="+", choices=tuple(tasks((1, 32, 32))),
                         help="inverse, sbc: the tasks to run (default: all)")
+    parser.add_argument("--methods", nargs="+",
+                        choices=POSTERIOR_METHODS + tuple(SBC_VARIANTS),
+                        help="sbc: the methods to run (default: POSTERIOR_METHODS)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.part == "density":
@@ -660,7 +669,7 @@ def main():
     elif args.part == "inverse":
         run_inverse(args.quick, args.tasks)
     else:
-        run_sbc(args.quick, args.tasks)
+        run_sbc(args.quick, args.tasks, args.methods)
 
 
 if __name__ == "__main__":
