@@ -155,3 +155,17 @@ def linear_start(start):
     for ablations."""
     starts = flowsk.nn.builders.LINEAR_START
     return mock.patch.dict(starts, {} if start is None else dict.fromkeys(starts, start))
+
+
+def sbc_scores(solver, n_simulations, n_draws, seed=0):
+    """Simulation-based calibration of ``solver`` (:func:`flowsk.diagnostics.sbc_ranks` with
+    ``misfit=True``): its pixel ranks ``(n_simulations, D)`` and scores: coverage of the rank
+    intervals per level, the p-values of pixel-rank and misfit-rank uniformity, the misfit's
+    mean fractional rank."""
+    from flowsk.diagnostics import LEVELS, rank_coverage, rank_uniformity, sbc_ranks
+    R = sbc_ranks(solver, n_simulations, n_draws, misfit=True, random_state=seed)
+    R, misfit = R[:, :-1], R[:, -1:]
+    return R, {"coverage": dict(zip(map(str, LEVELS), rank_coverage(R, n_draws))),
+               "p_uniform": rank_uniformity(R, n_draws),
+               "p_misfit": rank_uniformity(misfit, n_draws),
+               "misfit_rank_mean": float(misfit.mean() / n_draws)}

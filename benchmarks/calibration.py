@@ -56,6 +56,7 @@ from _common import (
     metadata,
     provenance,
     read_results,
+    sbc_scores,
     training_code,
     update_results,
 )
@@ -67,9 +68,6 @@ from flowsk.diagnostics import (
     LEVELS,
     coverage,
     plot_ranks,
-    rank_coverage,
-    rank_uniformity,
-    sbc_ranks,
 )
 from flowsk.methods import METHODS
 from flowsk.metrics import psnr
@@ -204,13 +202,9 @@ def run_sbc(tasks, methods, quick):
         row, ranks_of = {}, {}
         for name, solver in solvers.items():
             start = time.process_time()
-            R = sbc_ranks(solver, n_sim, n_draws, misfit=True, random_state=0)
+            R, scores = sbc_scores(solver, n_sim, n_draws)
             seconds = cpu_seconds(solver, start)
-            R, misfit = R[:, :-1], R[:, -1:]
-            row[name] = {"coverage": dict(zip(map(str, LEVELS), rank_coverage(R, n_draws))),
-                         "p_uniform": rank_uniformity(R, n_draws),
-                         "p_misfit": rank_uniformity(misfit, n_draws),
-                         "misfit_rank_mean": float(misfit.mean() / n_draws),
+            row[name] = {**scores,
                          "cpu_seconds_per_obs": (seconds + fits.get(name, 0.0)) / n_sim,
                          "sample_cpu_seconds": seconds, "fit_cpu_seconds": fits.get(name),
                          "pareto_warnings": pareto_warnings(solver)}

@@ -61,6 +61,7 @@ from _common import (
     normflows_glow,
     provenance,
     read_results,
+    sbc_scores,
     training_code,
     update_results,
     write_results,
@@ -505,7 +506,6 @@ def run_sbc(quick, task_names=None, methods=None):
     misfit to photographs drops out): per task, the posterior methods at the inverse part's
     settings, ``N_SBC`` simulations of ``N_SBC_DRAWS`` draws; merges the tasks' rows into
     results/images-sbc.json."""
-    from flowsk.diagnostics import LEVELS, rank_coverage, rank_uniformity, sbc_ranks
     torch.set_num_threads(1)
     meta = metadata(seed=SEED, quick=quick)
     prior, _ = flow_prior(32, *INVERSE_PRIOR, quick, epochs=INVERSE_EPOCHS)
@@ -517,13 +517,9 @@ def run_sbc(quick, task_names=None, methods=None):
         for name in methods or POSTERIOR_METHODS:
             method, extra = SBC_VARIANTS.get(name, (name, {}))
             start = time.process_time()
-            R = sbc_ranks(posterior_solver(prior, op, method, noise, quick, **extra), n_sim,
-                          n_draws, misfit=True, random_state=SEED)
-            R, misfit = R[:, :-1], R[:, -1:]
-            row[name] = {"coverage": dict(zip(map(str, LEVELS), rank_coverage(R, n_draws))),
-                         "p_uniform": rank_uniformity(R, n_draws),
-                         "p_misfit": rank_uniformity(misfit, n_draws),
-                         "misfit_rank_mean": float(misfit.mean() / n_draws),
+            _, scores = sbc_scores(posterior_solver(prior, op, method, noise, quick, **extra),
+                                   n_sim, n_draws, SEED)
+            row[name] = {**scores,
                          "cpu_seconds_per_obs": (time.process_time() - start) / n_sim,
                          "meta": meta}
             print(task, name, row[name], flush=True)
